@@ -1,0 +1,1 @@
+"""checkpoint layer of nemotron-jax (see DESIGN.md)."""

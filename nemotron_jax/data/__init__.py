@@ -1,0 +1,1 @@
+"""data layer of nemotron-jax (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""generation layer of nemotron-jax (see DESIGN.md)."""

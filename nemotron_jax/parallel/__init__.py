@@ -1,0 +1,1 @@
+"""parallel layer of nemotron-jax (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""rewards layer of nemotron-jax (see DESIGN.md)."""

@@ -1,0 +1,45 @@
+"""nemotron-jax: post-training the Nemotron-H hybrid Mamba-2 / attention / MoE model in JAX."""
+
+from setuptools import find_packages, setup
+
+# `kernels/` sits at the top of the repository (it is its own layer), but `kernels` is also the import
+# name of Hugging Face's kernel hub, which transformers probes for. It is installed as
+# `nemotron_jax.kernels` so that no top-level package called `kernels` ever lands on sys.path.
+_KERNEL_PACKAGES = ["nemotron_jax.kernels"] + [
+    "nemotron_jax.kernels." + name for name in find_packages(where="kernels")
+]
+
+RUNTIME_REQUIREMENTS = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "sentencepiece",
+    "chex",
+    "absl-py",
+    "gin-config",
+    "safetensors",
+    "numpy",
+    "tokenizers",  # Hugging Face tokenizer.json, as shipped with the released checkpoints
+    "pyarrow",  # Parquet sources
+    "math-verify",  # math answer equivalence
+    "tqdm",
+]
+
+setup(
+    name="nemotron-jax",
+    version="0.1.0",
+    description="JAX/Flax reproduction of the Nemotron-Cascade 2 post-training system",
+    python_requires=">=3.11",
+    packages=find_packages(include=["nemotron_jax", "nemotron_jax.*"]) + _KERNEL_PACKAGES,
+    package_dir={"nemotron_jax.kernels": "kernels"},
+    install_requires=RUNTIME_REQUIREMENTS,
+    extras_require={
+        "cuda12": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+        # torch + transformers are the independent reference implementation of `nemotron_h` for parity
+        # tests; torch==2.13.0 is the CPU build.
+        "test": ["pytest", "hypothesis", "torch==2.13.0", "transformers>=5", "safetensors"],
+    },
+)
