@@ -1,1 +1,7 @@
-"""model layer of nemotron-jax (see DESIGN.md)."""
+"""Model layer: `ModelConfig` and the `NemotronH` hybrid Mamba-2 / attention / MoE stack (Flax Linen)."""
+
+from nemotron_jax.model.config import ModelConfig
+from nemotron_jax.model.nemotron_h import NemotronH, init_cache
+from nemotron_jax.model.params import abstract_params, count_active_params, count_params
+
+__all__ = ["ModelConfig", "NemotronH", "init_cache", "abstract_params", "count_params", "count_active_params"]

@@ -1,0 +1,342 @@
+"""Hugging Face `nemotron_h` checkpoints <-> `NemotronH` params.
+
+Two naming schemes are read:
+- "backbone": the released hub format (`backbone.layers.{i}...`, one 2-D tensor per expert:
+  `mixer.experts.{e}.up_proj.weight [F, D]`); transformers writes this on `save_pretrained`.
+- "model": transformers' in-memory names (`model.layers.{i}...`, experts fused into 3-D tensors
+  `mixer.experts.up_proj [E, F, D]`, `mixer.experts.down_proj [E, D, F]`).
+Linear weights are stored `[out, in]` there and `[in, out]` (Flax `kernel`) here.
+
+`load_hf` streams: it reads one tensor at a time and places each finished parameter on its device(s) at
+once, so host memory peaks at about one parameter array (a stacked expert tensor being filled) beyond the
+result. Every tensor must be consumed exactly once and have the expected shape, or `CheckpointError`
+names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from nemotron_jax.checkpoint.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    checkpoint_files,
+    iterate_tensors,
+    plan_shards,
+    read_header,
+    write_shard,
+)
+from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
+from nemotron_jax.model.params import abstract_params
+
+ParamPath = tuple[str, ...]
+SCHEMES = ("backbone", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+    """One parameter and the Hugging Face tensor(s) it is stored as.
+
+    `hf_names` has one name, or one per expert (stacked along axis 0 of the parameter). `to_hf` / `from_hf`
+    convert one HF tensor (one expert's slice for stacked ones); `hf_shape` is the shape of each HF tensor.
+    """
+
+    path: ParamPath
+    hf_names: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    from_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.hf_names) > 1
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose_last2(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def _conv_to_hf(kernel: np.ndarray) -> np.ndarray:  # [K, C] -> [C, 1, K]
+    return kernel.T[:, None, :]
+
+
+def _conv_from_hf(weight: np.ndarray) -> np.ndarray:  # [C, 1, K] -> [K, C]
+    return weight[:, 0, :].T
+
+
+def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts: bool | None = None,
+                    embedding_name: str = "embeddings") -> list[TensorMapping]:
+    """All parameters of `cfg` with their HF names and conversions, in HF storage order.
+
+    Args:
+      scheme: "backbone" or "model" (the prefix).
+      fused_experts: 3-D expert tensors (default for "model") or one tensor per expert ("backbone").
+      embedding_name: "embeddings" (standard) or "embedding" (some exports).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown naming scheme {scheme!r}; one of {SCHEMES}")
+    if fused_experts is None:
+        fused_experts = scheme == "model"
+    shapes = traverse_util.flatten_dict(abstract_params(cfg))
+    prefix = scheme + "."
+    mappings: list[TensorMapping] = []
+
+    def add(path: ParamPath, hf_name: str, to_hf=_identity, from_hf=_identity):
+        shape = tuple(shapes[path].shape)
+        hf_shape = tuple(to_hf(np.empty(shape, np.int8)).shape)
+        mappings.append(TensorMapping(path, (hf_name,), hf_shape, to_hf, from_hf))
+
+    def linear(path: ParamPath, hf_module: str, bias: bool):
+        add(path + ("kernel",), hf_module + ".weight", _transpose_last2, _transpose_last2)
+        if bias:
+            add(path + ("bias",), hf_module + ".bias")
+
+    def experts(path: ParamPath, hf_module: str, name: str):
+        shape = tuple(shapes[path].shape)  # [E, in, out]
+        if fused_experts:
+            add(path, f"{hf_module}.experts.{name}", _transpose_last2, _transpose_last2)
+        else:
+            names = tuple(f"{hf_module}.experts.{e}.{name}.weight" for e in range(shape[0]))
+            mappings.append(TensorMapping(path, names, (shape[2], shape[1]), _transpose_last2, _transpose_last2))
+
+    add(("embeddings", "embedding"), f"{prefix}{embedding_name}.weight")
+    for index, char in enumerate(cfg.layer_pattern):
+        layer = f"layers_{index}"
+        hf_layer = f"{prefix}layers.{index}"
+        add((layer, "norm", "weight"), f"{hf_layer}.norm.weight")
+        mixer, hf_mixer = (layer, "mixer"), f"{hf_layer}.mixer"
+        kind = LAYER_KINDS[char]
+        if kind == "mamba":
+            linear(mixer + ("in_proj",), f"{hf_mixer}.in_proj", cfg.use_bias)
+            add(mixer + ("conv1d_kernel",), f"{hf_mixer}.conv1d.weight", _conv_to_hf, _conv_from_hf)
+            if cfg.use_conv_bias:
+                add(mixer + ("conv1d_bias",), f"{hf_mixer}.conv1d.bias")
+            for name in ("A_log", "D", "dt_bias"):
+                add(mixer + (name,), f"{hf_mixer}.{name}")
+            add(mixer + ("norm", "weight"), f"{hf_mixer}.norm.weight")
+            linear(mixer + ("out_proj",), f"{hf_mixer}.out_proj", cfg.use_bias)
+        elif kind == "attention":
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                linear(mixer + (name,), f"{hf_mixer}.{name}", False)
+        elif kind == "moe":
+            add(mixer + ("router_kernel",), f"{hf_mixer}.gate.weight", _transpose_last2, _transpose_last2)
+            add(mixer + ("e_score_correction_bias",), f"{hf_mixer}.gate.e_score_correction_bias")
+            experts(mixer + ("experts_up_proj",), hf_mixer, "up_proj")
+            experts(mixer + ("experts_down_proj",), hf_mixer, "down_proj")
+            for name in ("up_proj", "down_proj"):
+                linear(mixer + ("shared_experts", name), f"{hf_mixer}.shared_experts.{name}", cfg.mlp_bias)
+        else:
+            for name in ("up_proj", "down_proj"):
+                linear(mixer + (name,), f"{hf_mixer}.{name}", cfg.mlp_bias)
+    add(("norm_f", "weight"), f"{prefix}norm_f.weight")
+    add(("lm_head", "kernel"), "lm_head.weight", _transpose_last2, _transpose_last2)
+    missing = set(shapes) - {m.path for m in mappings}
+    assert not missing, f"parameters without a Hugging Face name: {sorted(missing)}"
+    return mappings
+
+
+def _detect_layout(names: set[str], cfg: ModelConfig) -> dict[str, Any]:
+    scheme = "model" if any(n.startswith("model.") for n in names) else "backbone"
+    fused = any(".mixer.experts.up_proj" in n and not n.endswith(".weight") for n in names)
+    embedding = "embedding" if f"{scheme}.embedding.weight" in names else "embeddings"
+    if "E" not in cfg.layer_pattern:
+        fused = scheme == "model"
+    return {"scheme": scheme, "fused_experts": fused, "embedding_name": embedding}
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+ShardingSpec = Any  # a Sharding, a params-shaped pytree of Shardings, or a callable (path, shape) -> Sharding
+
+
+def _sharding_lookup(shardings: ShardingSpec) -> Callable[[ParamPath, tuple[int, ...]], Any]:
+    if shardings is None:
+        return lambda path, shape: None
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda path, shape: shardings
+    if callable(shardings):
+        return shardings
+    flat = traverse_util.flatten_dict(shardings)
+    return lambda path, shape: flat[path]
+
+
+def load_hf(
+    directory: str,
+    *,
+    config: ModelConfig | None = None,
+    shardings: ShardingSpec = None,
+    param_dtype: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[ModelConfig, Any]:
+    """Loads a Hugging Face `nemotron_h` checkpoint directory.
+
+    Args:
+      directory: holds `config.json` and `model.safetensors` or `model-*.safetensors` with
+        `model.safetensors.index.json`.
+      config: use this config instead of the one in `config.json` (its sizes must match the tensors).
+      shardings: where to put each parameter: one `jax.sharding.Sharding` for all, a params-shaped pytree of
+        them, or a callable `(path tuple, shape) -> Sharding`. Default: the default device.
+      param_dtype: store parameters in this dtype (default: the config's `torch_dtype`). The router weight
+        and correction bias stay float32.
+      progress: called as `progress(tensors_done, tensors_total)` after each tensor.
+
+    Returns:
+      (config, params) with params a nested dict of `jax.Array`.
+
+    Raises:
+      CheckpointError: a missing, unexpected or wrongly shaped tensor (named, with both shapes).
+    """
+    hf_config = read_hf_config(directory)
+    cfg = config or ModelConfig.from_hf_config(hf_config, **({"param_dtype": param_dtype} if param_dtype else {}))
+    files = checkpoint_files(directory)
+    stored = {info.name: info for path in files for info in read_header(path)}
+    layout = _detect_layout(set(stored), cfg)
+    mappings = tensor_mappings(cfg, **layout)
+    by_hf_name = {name: (mapping, i) for mapping in mappings for i, name in enumerate(mapping.hf_names)}
+    expected_names = set(by_hf_name)
+    missing = sorted(expected_names - set(stored))
+    unexpected = sorted(set(stored) - expected_names)
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+                              f"({len(missing)} in all; naming scheme {layout['scheme']!r})")
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensors {unexpected[:10]}"
+                              f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
+    for name, info in stored.items():
+        mapping, _ = by_hf_name[name]
+        if tuple(info.shape) != mapping.hf_shape:
+            raise CheckpointError(f"{directory}: tensor {name} has shape {tuple(info.shape)}, expected "
+                                  f"{mapping.hf_shape} (from config.json)")
+
+    abstract = traverse_util.flatten_dict(abstract_params(cfg))
+    sharding_of = _sharding_lookup(shardings)
+    filling: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
+    params: dict[ParamPath, jax.Array] = {}
+    for done, (info, array) in enumerate(iterate_tensors(files), start=1):
+        mapping, expert = by_hf_name[info.name]
+        target = abstract[mapping.path]
+        value = mapping.from_hf(array).astype(target.dtype)
+        if mapping.stacked:
+            buffer, seen = filling.setdefault(mapping.path, (np.empty(target.shape, target.dtype), set()))
+            buffer[expert] = value
+            seen.add(expert)
+            if len(seen) < len(mapping.hf_names):
+                continue
+            value = filling.pop(mapping.path)[0]
+        params[mapping.path] = jax.device_put(value, sharding_of(mapping.path, target.shape))
+        del value
+        if progress is not None:
+            progress(done, len(stored))
+    return cfg, traverse_util.unflatten_dict(params)
+
+
+def hf_tensors(cfg: ModelConfig, params: Any, mappings: list[TensorMapping]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, host array) one tensor at a time."""
+    flat = traverse_util.flatten_dict(params)
+    for mapping in mappings:
+        if mapping.path not in flat:
+            raise CheckpointError(f"params has no entry {'/'.join(mapping.path)}")
+        value = flat[mapping.path]
+        if mapping.stacked:
+            for expert, name in enumerate(mapping.hf_names):
+                yield name, np.ascontiguousarray(mapping.to_hf(np.asarray(jax.device_get(value[expert]))))
+        else:
+            yield mapping.hf_names[0], np.ascontiguousarray(mapping.to_hf(np.asarray(jax.device_get(value))))
+
+
+def save_hf(
+    cfg: ModelConfig,
+    params: Any,
+    directory: str,
+    *,
+    scheme: str = "backbone",
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Writes a checkpoint that transformers' `NemotronHForCausalLM.from_pretrained` loads.
+
+    Files go to a temporary sibling directory that is renamed to `directory` only when complete, so a crash
+    never leaves a half-written checkpoint. Shards hold at most `max_shard_bytes` each (with
+    `model.safetensors.index.json` when there is more than one). `scheme` "backbone" (default, the released
+    format with one tensor per expert) or "model" (fused expert tensors).
+    """
+    flat = traverse_util.flatten_dict(params)
+    expected = traverse_util.flatten_dict(abstract_params(cfg))
+    for path, target in expected.items():
+        if path not in flat:
+            raise CheckpointError(f"params has no entry {'/'.join(path)}")
+        if tuple(flat[path].shape) != tuple(target.shape):
+            raise CheckpointError(f"params entry {'/'.join(path)} has shape {tuple(flat[path].shape)}, expected "
+                                  f"{tuple(target.shape)} for this config")
+    extra = sorted('/'.join(p) for p in set(flat) - set(expected))
+    if extra:
+        raise CheckpointError(f"params has entries the config does not define: {extra}")
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+
+    mappings = tensor_mappings(cfg, scheme)
+    sizes = []
+    for mapping in mappings:
+        itemsize = np.dtype(flat[mapping.path].dtype).itemsize
+        for _ in mapping.hf_names:
+            sizes.append(int(np.prod(mapping.hf_shape)) * itemsize)
+    names = [name for mapping in mappings for name in mapping.hf_names]
+    shards = plan_shards(list(zip(names, sizes)), max_shard_bytes)
+    file_names = ([SINGLE_FILE] if len(shards) == 1 else
+                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+    try:
+        tensors = hf_tensors(cfg, params, mappings)
+        weight_map = {}
+        done = 0
+        for shard_names, file_name in zip(shards, file_names):
+            shard = {}
+            for expected_name in shard_names:
+                name, array = next(tensors)
+                assert name == expected_name
+                shard[name] = array
+                weight_map[name] = file_name
+            write_shard(os.path.join(staging, file_name), shard)
+            done += len(shard)
+            del shard
+            if progress is not None:
+                progress(done, len(names))
+        if len(shards) > 1:
+            with open(os.path.join(staging, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(cfg.to_hf_config(), f, indent=2)
+        previous = None
+        if os.path.exists(directory):  # overwrite: move the old checkpoint aside until the new one is in place
+            previous = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.rename(directory, os.path.join(previous, "checkpoint"))
+        os.rename(staging, directory)
+        if previous is not None:
+            shutil.rmtree(previous)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
