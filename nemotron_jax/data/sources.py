@@ -168,12 +168,12 @@ class JsonlSource:
         self._lock = threading.Lock()
 
     def __del__(self) -> None:
-        if getattr(self, "_fds_pid", None) == os.getpid():
-            for fd in getattr(self, "_fds", {}).values():
-                try:
+        try:
+            if self._fds_pid == os.getpid():
+                for fd in self._fds.values():
                     os.close(fd)
-                except OSError:
-                    pass
+        except Exception:  # interpreter shutdown, or a half-built object
+            pass
 
     def __repr__(self) -> str:
         return f"JsonlSource({len(self._paths)} files, {len(self)} records)"

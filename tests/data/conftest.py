@@ -128,3 +128,48 @@ def make_rl_record():
 @pytest.fixture
 def make_sft_record():
     return sft_record
+
+
+def check_packed_batch(batch, pad_id, examples_by_tokens=None):
+    """Asserts the packed-batch invariants, independently of the library; returns the segments found.
+
+    - every key is int32 [B, L];
+    - segment ids are 1..n in order within a row, then only padding (0);
+    - positions restart at 0 for each segment and count up by one;
+    - targets[i] == tokens[i + 1] inside a segment; the last token of a segment and padding have target pad_id
+      and loss_mask 0, so no target crosses a segment boundary;
+    - loss_mask is 0 on padding.
+    Returns a list of (tokens, shifted_loss_mask) per segment.
+    """
+    import numpy as np
+
+    keys = ("tokens", "segment_ids", "positions", "targets", "loss_mask")
+    assert set(batch) == set(keys)
+    shape = batch["tokens"].shape
+    for key in keys:
+        assert batch[key].dtype == np.int32 and batch[key].shape == shape, key
+    segments = []
+    for row in range(shape[0]):
+        seg = batch["segment_ids"][row]
+        tokens, positions = batch["tokens"][row], batch["positions"][row]
+        targets, mask = batch["targets"][row], batch["loss_mask"][row]
+        used = int((seg != 0).sum())
+        assert (seg[used:] == 0).all(), "padding only at the end of a row"
+        assert (tokens[used:] == pad_id).all() and (targets[used:] == pad_id).all()
+        assert (mask[used:] == 0).all() and (positions[used:] == 0).all()
+        if used:
+            assert seg[0] == 1 and (np.diff(seg[:used]) >= 0).all() and (np.diff(seg[:used]) <= 1).all()
+        for segment_id in range(1, int(seg.max(initial=0)) + 1):
+            where = np.flatnonzero(seg == segment_id)
+            start, end = int(where[0]), int(where[-1]) + 1
+            assert end - start == len(where), "segments are contiguous"
+            assert (positions[start:end] == np.arange(end - start)).all()
+            assert (targets[start : end - 1] == tokens[start + 1 : end]).all()
+            assert targets[end - 1] == pad_id and mask[end - 1] == 0, "no target crosses a segment boundary"
+            segments.append((tokens[start:end].copy(), mask[start:end].copy()))
+    return segments
+
+
+@pytest.fixture(scope="session")
+def packed_batch_checker():
+    return check_packed_batch
