@@ -24,7 +24,7 @@ their reasoning, which includes every step of a final tool-calling episode. Earl
 reasoning stripped; training on them would teach the model to answer without thinking, so they are context
 only. `train_on="all"` trains every assistant turn as rendered.
 
-Token ids are produced segment by segment (`tokenizer.encode` per segment, concatenated), so the mask is exact
+Token ids are produced segment by segment (each segment encoded on its own, then concatenated), so the mask is exact
 by construction; segment boundaries always sit next to a special token (`<think>`, `<|im_end|>`), where
 tokenizers split anyway, so the ids equal `tokenizer.encode(text)` for the tokenizers of this package.
 """
@@ -61,7 +61,20 @@ TOOL_USE_INSTRUCTIONS = (
 
 
 class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered; the message names the offending message index and field."""
+    """A conversation that cannot be rendered.
+
+    Attributes:
+      field: the offending field as a path, e.g. `messages[2].tool_calls[0].function.arguments`.
+      reason: what is wrong.
+    """
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+    def __reduce__(self):
+        return (ChatFormatError, (self.field, self.reason))
 
 
 # ----------------------------------------------------------------------------------------------- messages
@@ -97,27 +110,27 @@ def _content_text(content: Any, where: str) -> str:
             elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
                 pieces.append(part["text"])
             else:
-                raise ChatFormatError(f"{where}.content[{part_index}]: only text parts are supported, got {part!r}")
+                raise ChatFormatError(f"{where}.content[{part_index}]", f"only text parts are supported, got {part!r}")
         return "".join(pieces)
-    raise ChatFormatError(f"{where}.content: expected a string, a list of text parts or null, got {content!r}")
+    raise ChatFormatError(f"{where}.content", f"expected a string, a list of text parts or null, got {content!r}")
 
 
 def _tool_call(raw: Any, where: str) -> ToolCall:
     if not isinstance(raw, Mapping):
-        raise ChatFormatError(f"{where}: expected an object, got {raw!r}")
+        raise ChatFormatError(where, f"expected an object, got {raw!r}")
     function = raw.get("function", raw)
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
-        raise ChatFormatError(f"{where}.function.name: missing or not a string")
+        raise ChatFormatError(f"{where}.function.name", "missing or not a string")
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as error:
-            raise ChatFormatError(f"{where}.function.arguments: not valid JSON ({error})") from error
+            raise ChatFormatError(f"{where}.function.arguments", f"not valid JSON ({error})") from error
     if arguments is None:
         arguments = {}
     if not isinstance(arguments, Mapping):
-        raise ChatFormatError(f"{where}.function.arguments: expected an object, got {arguments!r}")
+        raise ChatFormatError(f"{where}.function.arguments", f"expected an object, got {arguments!r}")
     return ToolCall(name=function["name"], arguments=dict(arguments))
 
 
@@ -130,7 +143,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[
     Raises `ChatFormatError` naming `messages[i].field` on anything else.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ChatFormatError(f"messages: expected a list of messages, got {type(messages).__name__}")
+        raise ChatFormatError("messages", f"expected a list of messages, got {type(messages).__name__}")
     normalized: list[Message] = []
     for index, raw in enumerate(messages):
         where = f"messages[{index}]"
@@ -138,25 +151,25 @@ def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[
             normalized.append(raw)
             continue
         if not isinstance(raw, Mapping):
-            raise ChatFormatError(f"{where}: expected an object, got {raw!r}")
+            raise ChatFormatError(where, f"expected an object, got {raw!r}")
         role = raw.get("role")
         if role == "developer":
             role = "system"
         if role not in MESSAGE_ROLES:
-            raise ChatFormatError(f"{where}.role: expected one of {MESSAGE_ROLES} (or developer), got {role!r}")
+            raise ChatFormatError(f"{where}.role", f"expected one of {MESSAGE_ROLES} (or developer), got {role!r}")
         content = _content_text(raw.get("content"), where)
         reasoning = None
         tool_calls: tuple[ToolCall, ...] = ()
         if role == "assistant":
             reasoning = raw.get("reasoning_content")
             if reasoning is not None and not isinstance(reasoning, str):
-                raise ChatFormatError(f"{where}.reasoning_content: expected a string, got {reasoning!r}")
+                raise ChatFormatError(f"{where}.reasoning_content", f"expected a string, got {reasoning!r}")
             raw_calls = raw.get("tool_calls") or []
             if not isinstance(raw_calls, (list, tuple)):
-                raise ChatFormatError(f"{where}.tool_calls: expected a list, got {raw_calls!r}")
+                raise ChatFormatError(f"{where}.tool_calls", f"expected a list, got {raw_calls!r}")
             tool_calls = tuple(_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(raw_calls))
         elif "content" not in raw:
-            raise ChatFormatError(f"{where}.content: missing")
+            raise ChatFormatError(f"{where}.content", "missing")
         normalized.append(Message(role=role, content=content, reasoning=reasoning, tool_calls=tool_calls))
     return normalized
 
@@ -190,10 +203,10 @@ def format_tools(tools: Sequence[Mapping[str, Any]]) -> str:
     parts = ["# Tools\n\nYou have access to the following functions:\n\n<tools>"]
     for index, tool in enumerate(tools):
         if not isinstance(tool, Mapping):
-            raise ChatFormatError(f"tools[{index}]: expected an object, got {tool!r}")
+            raise ChatFormatError(f"tools[{index}]", f"expected an object, got {tool!r}")
         function = tool["function"] if isinstance(tool.get("function"), Mapping) else tool
         if not isinstance(function.get("name"), str):
-            raise ChatFormatError(f"tools[{index}].name: missing or not a string")
+            raise ChatFormatError(f"tools[{index}].name", "missing or not a string")
         parts.append(f"\n<function>\n<name>{function['name']}</name>")
         if function.get("description") is not None:
             parts.append(f"\n<description>{str(function['description']).strip()}</description>")
@@ -422,8 +435,7 @@ def render_chat(
     )
     ids: list[int] = []
     mask: list[int] = []
-    for segment in segments:
-        segment_ids = tokenizer.encode(segment.text)
+    for segment, segment_ids in zip(segments, tokenizer.encode_batch([segment.text for segment in segments])):
         ids.extend(segment_ids)
         mask.extend([int(segment.trained)] * len(segment_ids))
     return RenderedChat(

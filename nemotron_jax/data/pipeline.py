@@ -138,7 +138,7 @@ class _ReadAndConvert:
             ref = record.ref
             return self.convert(record)
         except ChatFormatError as error:
-            error = RecordError(ref, None, str(error))
+            error = RecordError(ref, error.field, error.reason)
             if self._on_bad_record == "raise":
                 raise error from None
             return BadRecord(ref, str(error))

@@ -120,10 +120,8 @@ def _messages(value: Any, field: str, ref: RecordRef | None) -> list[Message]:
     try:
         return normalize_messages(cleaned)
     except ChatFormatError as error:
-        text = str(error)
-        # normalize_messages words its errors as "messages[i].field: reason"; re-anchor them under `field`.
-        sub_field, _, reason = text.partition(": ")
-        raise RecordError(ref, field + sub_field.removeprefix("messages"), reason) from error
+        # normalize_messages names fields from "messages"; re-anchor them under this record's field.
+        raise RecordError(ref, field + error.field.removeprefix("messages"), error.reason) from error
 
 
 def _tools(value: Any, field: str, ref: RecordRef | None) -> list[dict[str, Any]] | None:

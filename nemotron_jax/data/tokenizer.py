@@ -43,6 +43,10 @@ class Tokenizer(abc.ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS. Special tokens written in the text map to their single ids."""
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`[encode(text) for text in texts]`; implementations batch it in native code where they can."""
+        return [self.encode(text) for text in texts]
+
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens included."""
@@ -129,6 +133,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self._processor.encode(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._processor.encode(list(texts))]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._processor.decode([int(i) for i in ids])
@@ -297,6 +304,11 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # Rust-side parallel encoding; the `_fast` variant skips computing character offsets.
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        return [list(encoding.ids) for encoding in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -83,3 +83,8 @@ def test_tokenizers_pickle(tokenizer):
         tokenizer.pad_id,
         tokenizer.vocab_size,
     )
+
+
+def test_encode_batch_matches_encode(tokenizer):
+    texts = [CHAT_TEXT, "", "the answer 42", "<think></think>"]
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(text) for text in texts]
