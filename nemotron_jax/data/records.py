@@ -158,8 +158,9 @@ def parse_sft_record(fields: Mapping[str, Any], ref: RecordRef | None = None) ->
         raise RecordError(ref, None, f"expected a JSON object, got {type(fields).__name__}")
     messages = _messages(_require(fields, "messages", ref), "messages", ref)
     if messages[-1].role != "assistant":
+        last = len(messages) - 1
         raise RecordError(
-            ref, f"messages[{len(messages) - 1}].role", f"the last message must be the assistant's, got {messages[-1].role!r}"
+            ref, f"messages[{last}].role", f"the last message must be the assistant's, got {messages[-1].role!r}"
         )
     return SFTConversation(messages=messages, tools=_tools(fields.get("tools"), "tools", ref), ref=ref)
 
@@ -203,7 +204,8 @@ _DOMAIN_KEYWORDS: tuple[tuple[str, str], ...] = (
 
 def agent_ref_name(agent_ref: Any, ref: RecordRef | None = None) -> str:
     """The agent name of an `agent_ref`, given as `{"name": ...}` (NeMo Gym) or as a plain string."""
-    agent_ref = _maybe_json(agent_ref, "agent_ref", ref) if isinstance(agent_ref, str) and agent_ref.startswith("{") else agent_ref
+    if isinstance(agent_ref, str) and agent_ref.startswith("{"):  # a JSON-encoded object (Parquet / TFDS exports)
+        agent_ref = _maybe_json(agent_ref, "agent_ref", ref)
     if isinstance(agent_ref, str) and agent_ref:
         return agent_ref
     if isinstance(agent_ref, Mapping) and isinstance(agent_ref.get("name"), str) and agent_ref["name"]:

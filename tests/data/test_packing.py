@@ -49,7 +49,10 @@ def test_assignment_places_every_item_once_within_capacity(lengths, strategy, so
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=st.lists(st.integers(1, 24), min_size=1, max_size=30), strategy=st.sampled_from(["first_fit", "best_fit"]))
+@given(
+    lengths=st.lists(st.integers(1, 24), min_size=1, max_size=30),
+    strategy=st.sampled_from(["first_fit", "best_fit"]),
+)
 def test_packed_rows_keep_segments_apart(lengths, strategy, packed_batch_checker):
     examples = [_example(length, seed) for seed, length in enumerate(lengths)]
     result = pack_examples(examples, 24, strategy=strategy, pad_id=0)
