@@ -193,7 +193,7 @@ class SFTDataConfig:
     shuffle: bool = True
     num_epochs: int | None = 1
     pad_id: int | None = None
-    num_threads: int = 8
+    num_threads: int = 4
     prefetch_buffer_size: int = 256
     worker_count: int = 0
 
@@ -549,7 +549,7 @@ class RLDataConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = 1
-    num_threads: int = 8
+    num_threads: int = 4
     prefetch_buffer_size: int = 256
     worker_count: int = 0
 

@@ -124,7 +124,18 @@ def _messages(value: Any, field: str, ref: RecordRef | None) -> list[Message]:
         raise RecordError(ref, field + error.field.removeprefix("messages"), error.reason) from error
 
 
+def _without_nulls(value: Any) -> Any:
+    """Drops None-valued keys at every depth (Arrow fills a struct's absent keys with None)."""
+    if isinstance(value, Mapping):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, (list, tuple)):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
 def _tools(value: Any, field: str, ref: RecordRef | None) -> list[dict[str, Any]] | None:
+    """Tool definitions; None-valued keys are dropped, since Parquet exports add them for every absent key (a
+    tool schema's own `null`s, e.g. a null default, are rare and carry nothing the template renders)."""
     if value is None:
         return None
     value = _maybe_json(value, field, ref)
@@ -133,7 +144,7 @@ def _tools(value: Any, field: str, ref: RecordRef | None) -> list[dict[str, Any]
     for index, tool in enumerate(value):
         if not isinstance(tool, Mapping):
             raise RecordError(ref, f"{field}[{index}]", f"expected an object, got {tool!r}")
-    return [dict(tool) for tool in value] or None
+    return [_without_nulls(tool) for tool in value] or None
 
 
 # --------------------------------------------------------------------------------------------------- SFT

@@ -139,3 +139,15 @@ def test_domain_from_agent_ref(agent_ref, domain):
 
 def test_agent_ref_name_accepts_json_string():
     assert agent_ref_name('{"type": "responses_api_agents", "name": "x_agent"}') == "x_agent"
+
+
+def test_tools_lose_union_schema_nulls():
+    record = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "tools": [{"type": "function", "function": {"name": "f", "description": None, "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "enum": None}, "query": None}}}}],
+    }
+    assert parse_sft_record(record).tools == [
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}
+    ]
