@@ -40,6 +40,16 @@ setup(
         "tpu": ["jax[tpu]"],
         # torch + transformers are the independent reference implementation of `nemotron_h` for parity
         # tests; torch==2.13.0 is the CPU build.
-        "test": ["pytest", "hypothesis", "torch==2.13.0", "transformers>=5", "safetensors"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "torch==2.13.0",
+            "transformers>=5",
+            "safetensors",
+            # TfdsSource is tested against a real, locally prepared TFDS data set (no TensorFlow needed);
+            # tfds 4.9.10 imports importlib_resources without declaring it for Python >= 3.11.
+            "tensorflow-datasets",
+            "importlib_resources",
+        ],
     },
 )
