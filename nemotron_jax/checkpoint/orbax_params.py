@@ -1,0 +1,85 @@
+"""Orbax save/restore of model params together with their `ModelConfig`.
+
+Layout of a params checkpoint directory:
+
+    <dir>/model_config.json      ModelConfig fields
+    <dir>/params/                Orbax (tensorstore) checkpoint of the params pytree
+
+Orbax writes its own directory atomically; the config sits beside it and the pair is staged in a temporary
+sibling directory that is renamed into place only when both are complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from nemotron_jax.checkpoint.hf import ShardingSpec, _sharding_lookup
+from nemotron_jax.checkpoint.safetensors_io import CheckpointError
+from nemotron_jax.model.config import ModelConfig
+from nemotron_jax.model.params import abstract_params
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_params(cfg: ModelConfig, params: Any, directory: str, *, overwrite: bool = False) -> None:
+    """Writes `params` (any sharding) and `cfg` to `directory` (created; must not exist unless overwrite)."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+    try:
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a nemotron-jax params checkpoint")
+    with open(path) as f:
+        fields = json.load(f)
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown ModelConfig fields {unknown}")
+    return ModelConfig(**fields)
+
+
+def restore_params(directory: str, *, shardings: ShardingSpec = None) -> tuple[ModelConfig, Any]:
+    """Reads a directory written by `save_params`; `shardings` as in `load_hf` (default: default device)."""
+    cfg = load_config(directory)
+    sharding_of = _sharding_lookup(shardings)
+    flat = traverse_util.flatten_dict(abstract_params(cfg))
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = traverse_util.unflatten_dict({
+        path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_of(path, leaf.shape) or default)
+        for path, leaf in flat.items()
+    })
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), target)
+    finally:
+        checkpointer.close()
+    return cfg, params
