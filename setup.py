@@ -38,6 +38,8 @@ setup(
     extras_require={
         "cuda12": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
+        # The demo writes a checkpoint with transformers and checks parity against it.
+        "demo": ["torch==2.13.0", "transformers>=5"],
         # torch + transformers are the independent reference implementation of `nemotron_h` for parity
         # tests; torch==2.13.0 is the CPU build.
         "test": [
