@@ -40,3 +40,41 @@ def test_packed_logits_equal_separate_runs(tiny_model, jit_apply, lengths):
         np.testing.assert_allclose(packed[0, start:start + len(sequence)], alone, rtol=1e-5,
                                    atol=1e-5 * np.abs(alone).max())
         start += len(sequence)
+
+
+def test_packed_batches_from_the_data_pipeline(tmp_path, jit_apply):
+    """The model-level packing check on batches produced by the SFT Grain pipeline."""
+    import json
+
+    from nemotron_jax.data import JsonlSource, SFTDataConfig, sft_dataset, train_sentencepiece
+
+    rng = np.random.default_rng(0)
+    words = ["state", "space", "model", "expert", "token", "route", "reward", "policy", "answer", "solve"]
+    conversations = []
+    for _ in range(12):
+        question = " ".join(rng.choice(words, rng.integers(2, 12)))
+        answer = " ".join(rng.choice(words, rng.integers(1, 15)))
+        conversations.append({"messages": [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": answer}]})
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in conversations) + "\n")
+    tokenizer = train_sentencepiece([m["content"] for c in conversations for m in c["messages"]], vocab_size=300)
+    batches = iter(sft_dataset(JsonlSource([str(path)]), tokenizer,
+                               SFTDataConfig(row_length=256, batch_size=2, shuffle=False), shard_index=0,
+                               shard_count=1))
+    batch = next(batches)
+    assert batch["segment_ids"].max() >= 2  # rows really are packed
+
+    cfg = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size)
+    params = nj.NemotronH(cfg).init(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"]
+    apply = jit_apply(cfg)
+    packed = np.asarray(apply({"params": params}, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])))
+    checked = 0
+    for row in range(batch["tokens"].shape[0]):
+        for segment in range(1, int(batch["segment_ids"][row].max()) + 1):
+            where = np.flatnonzero(batch["segment_ids"][row] == segment)
+            assert (batch["positions"][row, where] == np.arange(len(where))).all()
+            alone = np.asarray(apply({"params": params}, jnp.asarray(batch["tokens"][row, where][None])))[0]
+            np.testing.assert_allclose(packed[row, where], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+            checked += 1
+    assert checked >= 3
