@@ -9,7 +9,6 @@ only to the student: the teacher is a constant of these functions.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
