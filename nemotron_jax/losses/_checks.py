@@ -84,6 +84,11 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive Python int, got {value!r}")
 
 
+def as_array(value: Any) -> Any:
+    """jnp.asarray for array-likes (lists, NumPy arrays); None passes through."""
+    return None if value is None else jnp.asarray(value)
+
+
 def compute_dtype(*arrays: Any) -> jnp.dtype:
     """float32, or float64 when an input already is float64 (bf16/f16 inputs are promoted to float32)."""
     dtype = jnp.dtype(jnp.float32)

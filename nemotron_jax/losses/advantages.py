@@ -42,6 +42,7 @@ def group_advantages(
     Raises:
       ValueError: rewards not rank 1, N not a multiple of `group_size`, bad `group_size`/`std_ddof`/`eps`.
     """
+    rewards = _checks.as_array(rewards)
     _checks.check_rank("rewards", rewards, 1)
     _checks.check_positive_int("group_size", group_size)
     num_samples = jnp.shape(rewards)[0]

@@ -38,6 +38,7 @@ def token_and_sequence_counts(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
       whose mask is all zero is not a sequence: it adds nothing to any loss and is not counted). Compute these
       on the whole batch before splitting it into micro-batches and pass them to every micro-batch's loss.
     """
+    mask = _checks.as_array(mask)
     _checks.check_rank("mask", mask, 2)
     weights = jnp.asarray(mask, jnp.float32)
     num_tokens = jnp.sum(weights)
@@ -110,6 +111,7 @@ def aggregate_loss(
       ValueError: unknown `aggregation`, or `mask` and `per_token_loss` shapes differ or are not rank 2.
     """
     check_aggregation(aggregation)
+    per_token_loss, mask = _checks.as_array(per_token_loss), _checks.as_array(mask)
     _checks.check_rank("per_token_loss", per_token_loss, 2)
     _checks.check_same_shape("mask", mask, "per_token_loss", per_token_loss)
     dtype = _checks.compute_dtype(per_token_loss)

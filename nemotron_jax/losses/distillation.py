@@ -46,6 +46,14 @@ class TopKLogits(NamedTuple):
     indices: jax.Array  # [B, T, K] int, in [0, V)
 
 
+def _as_arrays(model: Any) -> Any:
+    if isinstance(model, (TopKLogits, LMHeadInputs)):
+        return type(model)(*(jnp.asarray(field) for field in model))
+    if isinstance(model, tuple):
+        return model  # rejected with a clear message by _describe
+    return jnp.asarray(model)
+
+
 def _describe(name: str, model: Any) -> tuple[str, tuple[int, ...], int | None]:
     """Validates one model input; returns (kind, leading shape, vocabulary size or None)."""
     if isinstance(model, TopKLogits):
@@ -126,6 +134,7 @@ def distillation_kl(
     if token_chunk_size is not None:
         _checks.check_positive_int("token_chunk_size", token_chunk_size)
 
+    student, teacher = _as_arrays(student), _as_arrays(teacher)
     student_kind, student_shape, vocab_size = _describe("student", student)
     if student_kind == "top_k":
         raise ValueError("student must be logits or LMHeadInputs, not TopKLogits")
@@ -222,6 +231,7 @@ def distillation_loss(
         student, teacher, kind=kind, mixed_forward_weight=mixed_forward_weight, top_k=top_k,
         chunk_size=chunk_size, token_chunk_size=token_chunk_size, precision=precision,
     )
+    mask = _checks.as_array(mask)
     _checks.check_same_shape("mask", mask, "the student's [B, T] positions", kl)
     return aggregate_loss(kl, mask, aggregation, num_tokens=num_tokens, num_sequences=num_sequences,
                           max_tokens=max_tokens)

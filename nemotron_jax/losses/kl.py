@@ -43,6 +43,7 @@ def kl_penalty(
       ValueError: unknown `kind`, mismatched shapes, non-float inputs.
     """
     _checks.check_choice("kind", kind, KL_KINDS)
+    logprobs, ref_logprobs, mask = (_checks.as_array(x) for x in (logprobs, ref_logprobs, mask))
     _checks.check_floating("logprobs", logprobs)
     _checks.check_floating("ref_logprobs", ref_logprobs)
     _checks.check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)

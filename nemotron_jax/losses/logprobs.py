@@ -209,6 +209,7 @@ def token_logprobs_and_entropy(
     Raises:
       ValueError: shape or dtype mismatch, non-positive chunk sizes.
     """
+    hidden, lm_head, targets = (_checks.as_array(x) for x in (hidden, lm_head, targets))
     _check_inputs(hidden, lm_head, targets, chunk_size, token_chunk_size)
     batch_shape = jnp.shape(targets)
     hidden2d = jnp.reshape(hidden, (-1, jnp.shape(hidden)[-1]))
@@ -255,6 +256,7 @@ def token_entropy(
 
     Differentiable (d H / d logits = -p (log p + H)), with the same memory bound as `token_logprobs`.
     """
+    hidden, lm_head = _checks.as_array(hidden), _checks.as_array(lm_head)
     _check_inputs(hidden, lm_head, None, chunk_size, token_chunk_size)
     targets = jnp.zeros(jnp.shape(hidden)[:-1], jnp.int32)
     _, entropy = token_logprobs_and_entropy(
@@ -267,6 +269,7 @@ def token_logprobs_reference(
     hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, precision: Any = None
 ) -> tuple[jax.Array, jax.Array]:
     """The slow twin: `(logprobs, entropy)` through the full `[..., V]` float32 logits (small inputs only)."""
+    hidden, lm_head, targets = (_checks.as_array(x) for x in (hidden, lm_head, targets))
     _check_inputs(hidden, lm_head, targets, 1, None)
     dtype = _checks.compute_dtype(hidden, lm_head)
     logits = tile_logits(hidden, lm_head, dtype, precision)

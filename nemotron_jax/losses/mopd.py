@@ -55,6 +55,9 @@ def mopd_loss(
       ValueError: shapes differ, unknown aggregation, is_low > is_high or negative bounds.
     """
     check_aggregation(aggregation)
+    logprobs, teacher_logprobs, rollout_logprobs, mask = (
+        _checks.as_array(x) for x in (logprobs, teacher_logprobs, rollout_logprobs, mask)
+    )
     _checks.check_rank("logprobs", logprobs, 2)
     _checks.check_floating("logprobs", logprobs)
     _checks.check_same_shape("teacher_logprobs", teacher_logprobs, "logprobs", logprobs)

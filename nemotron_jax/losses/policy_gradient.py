@@ -135,6 +135,9 @@ def policy_gradient_loss(
     _checks.check_choice("ratio", ratio, RATIO_KINDS)
     _checks.check_choice("is_correction", is_correction, IS_CORRECTIONS)
     check_aggregation(aggregation)
+    logprobs, old_logprobs, advantages, mask, rollout_logprobs = (
+        _checks.as_array(x) for x in (logprobs, old_logprobs, advantages, mask, rollout_logprobs)
+    )
     _checks.check_rank("logprobs", logprobs, 2)
     _checks.check_floating("logprobs", logprobs)
     _checks.check_same_shape("mask", mask, "logprobs", logprobs)

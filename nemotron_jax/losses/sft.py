@@ -36,6 +36,7 @@ def sft_loss(
     Raises:
       ValueError: shape mismatch, non-float logprobs, unknown aggregation.
     """
+    logprobs, loss_mask = _checks.as_array(logprobs), _checks.as_array(loss_mask)
     _checks.check_floating("logprobs", logprobs)
     _checks.check_rank("logprobs", logprobs, 2)
     _checks.check_same_shape("loss_mask", loss_mask, "logprobs", logprobs)

@@ -110,3 +110,11 @@ def test_invalid_arguments():
         aggregate_loss(values, jnp.ones((2, 4)), "token_mean")
     with pytest.raises(ValueError, match="per_token_loss"):
         aggregate_loss(jnp.zeros((6,)), jnp.ones((6,)), "token_mean")
+
+
+def test_array_likes_accepted():
+    values = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    mask = [[1, 1, 0], [0, 0, 0]]
+    np.testing.assert_allclose(float(aggregate_loss(values, mask, "seq_mean_token_mean")), 1.5, rtol=1e-6)
+    num_tokens, num_sequences = token_and_sequence_counts(np.asarray(mask))
+    assert (float(num_tokens), float(num_sequences)) == (2.0, 1.0)
