@@ -1,0 +1,252 @@
+"""Chunked pieces of logit-level distillation: full-vocabulary KL from two (hidden, lm_head) pairs, the
+teacher's top-k from (hidden, lm_head), and the student's logits at given token ids.
+
+All three work one `[token block, vocabulary chunk]` tile (or one token block of gathered columns) at a
+time; the two differentiable ones have custom VJPs that recompute tiles in the backward pass. Gradients flow
+only to the student: the teacher is a constant of these functions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nemotron_jax.losses import _checks
+from nemotron_jax.losses._chunking import (
+    lm_head_chunk,
+    merge_token_blocks,
+    online_logsumexp_update,
+    scan_vocab_chunks,
+    split_token_blocks,
+    tile_logits,
+    token_block_size,
+)
+
+# Bytes of gathered `[D, tokens, K]` weight columns per block in `gather_student_logits`.
+GATHER_BLOCK_BYTES = 64 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full-vocabulary KL between softmax(student_hidden @ student_lm_head) and softmax(teacher ... ).
+
+
+def _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, chunk_size,
+                token_chunk_size, precision):
+    """Returns `(kl [N], residual stats)`; kl = w * KL(p_T||p_S) + (1 - w) * KL(p_S||p_T) per token."""
+    num_tokens = student_hidden.shape[0]
+    vocab_size = student_lm_head.shape[1]
+    dtype = _checks.compute_dtype(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head)
+    block = token_block_size(num_tokens, token_chunk_size)
+    student_blocks = split_token_blocks(student_hidden, block)
+    teacher_blocks = split_token_blocks(teacher_hidden, block)
+    shape = student_blocks.shape[:2]
+    # Per token and model: running max m, s = sum exp(l - m), and a = sum exp(l - m) * (l - l_other).
+    stats = (
+        jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+        jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    )
+
+    def vocab_chunk(stats, start, size):
+        student_weights = lm_head_chunk(student_lm_head, start, size)
+        teacher_weights = lm_head_chunk(teacher_lm_head, start, size)
+
+        def token_block(_, inputs):
+            student_h, teacher_h, s_max, s_sum, s_gap, t_max, t_sum, t_gap = inputs
+            student_logits = tile_logits(student_h, student_weights, dtype, precision)
+            teacher_logits = tile_logits(teacher_h, teacher_weights, dtype, precision)
+            gap = student_logits - teacher_logits
+            s_max, new_s_sum, s_rescale, s_shifted = online_logsumexp_update(s_max, s_sum, student_logits)
+            t_max, new_t_sum, t_rescale, t_shifted = online_logsumexp_update(t_max, t_sum, teacher_logits)
+            s_gap = s_gap * s_rescale + jnp.sum(jnp.exp(s_shifted) * gap, axis=-1)
+            t_gap = t_gap * t_rescale - jnp.sum(jnp.exp(t_shifted) * gap, axis=-1)
+            return None, (s_max, new_s_sum, s_gap, t_max, new_t_sum, t_gap)
+
+        _, stats = lax.scan(token_block, None, (student_blocks, teacher_blocks) + stats)
+        return stats
+
+    s_max, s_sum, s_gap, t_max, t_sum, t_gap = scan_vocab_chunks(vocab_chunk, stats, vocab_size, chunk_size)
+    student_lse = s_max + jnp.log(s_sum)
+    teacher_lse = t_max + jnp.log(t_sum)
+    # KL(p_S||p_T) = E_pS[l_S - l_T] - lse_S + lse_T;  KL(p_T||p_S) = E_pT[l_T - l_S] - lse_T + lse_S.
+    reverse_kl = s_gap / s_sum - student_lse + teacher_lse
+    forward_kl = t_gap / t_sum - teacher_lse + student_lse
+    kl = forward_weight * forward_kl + (1.0 - forward_weight) * reverse_kl
+    residual_stats = tuple(merge_token_blocks(x, num_tokens) for x in (student_lse, teacher_lse, reverse_kl))
+    return merge_token_blocks(kl, num_tokens), residual_stats
+
+
+def _kl_backward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, stats,
+                 kl_grad, chunk_size, token_chunk_size, precision):
+    """Student gradients. d KL(p_T||p_S)/d l_S = p_S - p_T;  d KL(p_S||p_T)/d l_S = p_S (log p_S/p_T - KL)."""
+    num_tokens, hidden_size = student_hidden.shape
+    vocab_size = student_lm_head.shape[1]
+    dtype = _checks.compute_dtype(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head)
+    block = token_block_size(num_tokens, token_chunk_size)
+    student_blocks = split_token_blocks(student_hidden, block)
+    teacher_blocks = split_token_blocks(teacher_hidden, block)
+    per_token = tuple(split_token_blocks(x, block) for x in stats + (kl_grad.astype(dtype),))
+
+    def vocab_chunk(carry, start, size):
+        hidden_grad, lm_head_grad = carry
+        student_weights = lm_head_chunk(student_lm_head, start, size)
+        teacher_weights = lm_head_chunk(teacher_lm_head, start, size)
+        student_weights_compute = student_weights.astype(dtype)
+
+        def token_block(chunk_grad, inputs):
+            student_h, teacher_h, student_lse, teacher_lse, reverse_kl, block_grad = inputs
+            log_ps = tile_logits(student_h, student_weights, dtype, precision) - student_lse[:, None]
+            log_pt = tile_logits(teacher_h, teacher_weights, dtype, precision) - teacher_lse[:, None]
+            ps = jnp.exp(log_ps)
+            logits_grad = forward_weight * (ps - jnp.exp(log_pt)) + (1.0 - forward_weight) * ps * (
+                log_ps - log_pt - reverse_kl[:, None]
+            )
+            logits_grad = block_grad[:, None] * logits_grad
+            block_hidden_grad = jnp.dot(logits_grad, student_weights_compute.T, precision=precision)
+            chunk_grad = chunk_grad + jnp.dot(student_h.astype(dtype).T, logits_grad, precision=precision)
+            return chunk_grad, block_hidden_grad
+
+        chunk_grad, block_hidden_grads = lax.scan(
+            token_block, jnp.zeros((hidden_size, size), dtype), (student_blocks, teacher_blocks) + per_token
+        )
+        lm_head_grad = lax.dynamic_update_slice_in_dim(
+            lm_head_grad, chunk_grad.astype(lm_head_grad.dtype), start, axis=1
+        )
+        return hidden_grad + block_hidden_grads, lm_head_grad
+
+    carry = (jnp.zeros(student_blocks.shape, dtype), jnp.zeros(student_lm_head.shape, student_lm_head.dtype))
+    hidden_grad, lm_head_grad = scan_vocab_chunks(vocab_chunk, carry, vocab_size, chunk_size)
+    return merge_token_blocks(hidden_grad, num_tokens).astype(student_hidden.dtype), lm_head_grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def chunked_kl(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, chunk_size,
+               token_chunk_size, precision):
+    """Per-token `w * KL(p_T||p_S) + (1 - w) * KL(p_S||p_T)`, `[N]`, from `[N, D]` hidden and `[D, V]` heads.
+
+    `forward_weight` (w) is a static Python float. Gradients flow to the student hidden states and head only.
+    """
+    kl, _ = _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight,
+                        chunk_size, token_chunk_size, precision)
+    return kl
+
+
+def _chunked_kl_fwd(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight,
+                    chunk_size, token_chunk_size, precision):
+    kl, stats = _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight,
+                            chunk_size, token_chunk_size, precision)
+    return kl, (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, stats)
+
+
+def _chunked_kl_bwd(forward_weight, chunk_size, token_chunk_size, precision, residuals, kl_grad):
+    student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, stats = residuals
+    hidden_grad, lm_head_grad = _kl_backward(
+        student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, stats, kl_grad,
+        chunk_size, token_chunk_size, precision,
+    )
+    # The teacher is a constant of the loss (unused zeros are removed by XLA).
+    return hidden_grad, lm_head_grad, jnp.zeros_like(teacher_hidden), jnp.zeros_like(teacher_lm_head)
+
+
+chunked_kl.defvjp(_chunked_kl_fwd, _chunked_kl_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Teacher top-k over the vocabulary, chunked (no gradient).
+
+
+def chunked_top_k(hidden, lm_head, top_k, chunk_size, token_chunk_size, precision):
+    """`(logits [N, k], indices [N, k] int32)` of the k largest logits of `hidden @ lm_head`, descending."""
+    num_tokens = hidden.shape[0]
+    vocab_size = lm_head.shape[1]
+    dtype = _checks.compute_dtype(hidden, lm_head)
+    block = token_block_size(num_tokens, token_chunk_size)
+    hidden_blocks = split_token_blocks(lax.stop_gradient(hidden), block)
+    lm_head = lax.stop_gradient(lm_head)
+    shape = hidden_blocks.shape[:2] + (top_k,)
+    best = (jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, jnp.int32))
+
+    def vocab_chunk(best, start, size):
+        weights = lm_head_chunk(lm_head, start, size)
+
+        def token_block(_, inputs):
+            hidden_block, best_logits, best_ids = inputs
+            logits = tile_logits(hidden_block, weights, dtype, precision)
+            chunk_logits, chunk_positions = lax.top_k(logits, min(top_k, size))
+            candidates = jnp.concatenate([best_logits, chunk_logits], axis=-1)
+            candidate_ids = jnp.concatenate([best_ids, chunk_positions.astype(jnp.int32) + start], axis=-1)
+            new_logits, picked = lax.top_k(candidates, top_k)
+            return None, (new_logits, jnp.take_along_axis(candidate_ids, picked, axis=-1))
+
+        _, best = lax.scan(token_block, None, (hidden_blocks,) + best)
+        return best
+
+    logits, indices = scan_vocab_chunks(vocab_chunk, best, vocab_size, chunk_size)
+    return merge_token_blocks(logits, num_tokens), merge_token_blocks(indices, num_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Student logits at given token ids, `hidden[n] . lm_head[:, ids[n, k]]`, gathered per token block.
+
+
+def _gather_block_size(num_tokens, hidden_size, num_ids, itemsize):
+    per_token = max(hidden_size * num_ids * itemsize, 1)
+    return max(1, min(num_tokens, GATHER_BLOCK_BYTES // per_token))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_student_logits(hidden, lm_head, token_ids, precision):
+    """`[N, D], [D, V], [N, K] -> [N, K]` float32 logits of the given ids; never builds `[N, V]`."""
+    return _gather_forward(hidden, lm_head, token_ids, precision)
+
+
+def _gather_forward(hidden, lm_head, token_ids, precision):
+    num_tokens, hidden_size = hidden.shape
+    dtype = _checks.compute_dtype(hidden, lm_head)
+    block = _gather_block_size(num_tokens, hidden_size, token_ids.shape[1], jnp.dtype(dtype).itemsize)
+    operand_dtype = jnp.promote_types(hidden.dtype, lm_head.dtype)
+
+    def token_block(_, inputs):
+        hidden_block, ids = inputs
+        columns = jnp.take(lm_head, ids, axis=1).astype(operand_dtype)  # [D, block, K]
+        logits = jnp.einsum("nd,dnk->nk", hidden_block.astype(operand_dtype), columns, precision=precision,
+                            preferred_element_type=dtype)
+        return None, logits
+
+    _, logits = lax.scan(token_block, None, (split_token_blocks(hidden, block), split_token_blocks(token_ids, block)))
+    return merge_token_blocks(logits, num_tokens)
+
+
+def _gather_fwd(hidden, lm_head, token_ids, precision):
+    return _gather_forward(hidden, lm_head, token_ids, precision), (hidden, lm_head, token_ids)
+
+
+def _gather_bwd(precision, residuals, logits_grad):
+    hidden, lm_head, token_ids = residuals
+    num_tokens, hidden_size = hidden.shape
+    dtype = _checks.compute_dtype(hidden, lm_head)
+    block = _gather_block_size(num_tokens, hidden_size, token_ids.shape[1], jnp.dtype(dtype).itemsize)
+
+    def token_block(lm_head_grad, inputs):
+        hidden_block, ids, block_grad = inputs
+        columns = jnp.take(lm_head, ids, axis=1).astype(dtype)  # [D, block, K]
+        block_grad = block_grad.astype(dtype)
+        hidden_grad = jnp.einsum("nk,dnk->nd", block_grad, columns, precision=precision)
+        updates = jnp.einsum("nd,nk->dnk", hidden_block.astype(dtype), block_grad, precision=precision)
+        # Padded rows carry zero gradient, so their (id 0) updates add nothing.
+        lm_head_grad = lm_head_grad.at[:, ids].add(updates)
+        return lm_head_grad, hidden_grad
+
+    lm_head_grad, hidden_grad = lax.scan(
+        token_block,
+        jnp.zeros(lm_head.shape, dtype),
+        (split_token_blocks(hidden, block), split_token_blocks(token_ids, block),
+         split_token_blocks(logits_grad, block)),
+    )
+    hidden_grad = merge_token_blocks(hidden_grad, num_tokens).astype(hidden.dtype)
+    return hidden_grad, lm_head_grad.astype(lm_head.dtype), None
+
+
+gather_student_logits.defvjp(_gather_fwd, _gather_bwd)

@@ -1,0 +1,96 @@
+"""Loops over vocabulary chunks and token blocks, shared by the chunked log-prob and distillation losses.
+
+The `[N, V]` logits of N tokens over a vocabulary of V are never built: work proceeds one tile of
+`[token block, vocabulary chunk]` at a time, inside `lax.scan`, so that peak memory is a few tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Carry = TypeVar("Carry")
+
+
+def scan_vocab_chunks(
+    body: Callable[[Carry, Any, int], Carry], carry: Carry, vocab_size: int, chunk_size: int
+) -> Carry:
+    """Folds `body(carry, start, size)` over `[start, start + size)` chunks covering `range(vocab_size)`.
+
+    Full chunks run inside one `lax.scan` (`start` is traced, `size == chunk_size`); a shorter last chunk,
+    if any, runs once after it with a Python-int `start`. Nothing is padded, so the `[D, V]` weight is never
+    copied.
+    """
+    num_full = vocab_size // chunk_size
+    tail = vocab_size - num_full * chunk_size
+    if num_full:
+
+        def step(current, chunk_index):
+            return body(current, chunk_index * chunk_size, chunk_size), None
+
+        carry, _ = lax.scan(step, carry, jnp.arange(num_full, dtype=jnp.int32))
+    if tail:
+        carry = body(carry, num_full * chunk_size, tail)
+    return carry
+
+
+def token_block_size(num_tokens: int, token_chunk_size: int | None) -> int:
+    if token_chunk_size is None:
+        return max(num_tokens, 1)
+    return max(min(token_chunk_size, num_tokens), 1)
+
+
+def split_token_blocks(values: jax.Array, block: int) -> jax.Array:
+    """`[N, ...] -> [ceil(N / block), block, ...]`, zero-padded at the end."""
+    num_tokens = values.shape[0]
+    num_blocks = -(-num_tokens // block)
+    padding = num_blocks * block - num_tokens
+    if padding:
+        values = jnp.pad(values, [(0, padding)] + [(0, 0)] * (values.ndim - 1))
+    return values.reshape((num_blocks, block) + values.shape[1:])
+
+
+def merge_token_blocks(values: jax.Array, num_tokens: int) -> jax.Array:
+    """Inverse of `split_token_blocks`: `[num_blocks, block, ...] -> [N, ...]`."""
+    return values.reshape((-1,) + values.shape[2:])[:num_tokens]
+
+
+def tile_logits(
+    hidden_block: jax.Array, lm_head_chunk: jax.Array, dtype: Any, precision: Any
+) -> jax.Array:
+    """`[n, D] @ [D, c] -> [n, c]` logits accumulated in `dtype` (float32), operands in their own dtype.
+
+    bf16 operands stay bf16 (products of bf16 values are exact in float32, and accumulation is float32), so a
+    bf16 weight is never copied to float32 as a whole.
+    """
+    operand_dtype = jnp.promote_types(hidden_block.dtype, lm_head_chunk.dtype)
+    return jnp.dot(
+        hidden_block.astype(operand_dtype),
+        lm_head_chunk.astype(operand_dtype),
+        precision=precision,
+        preferred_element_type=dtype,
+    )
+
+
+def lm_head_chunk(lm_head: jax.Array, start: Any, size: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(lm_head, start, size, axis=1)
+
+
+def online_logsumexp_update(
+    running_max: jax.Array, running_sum: jax.Array, logits: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step of a streaming logsumexp over the last axis.
+
+    `(m, s)` summarise the logits seen so far as `logsumexp = m + log(s)` (m = -inf, s = 0 before any).
+    Returns `(new_max, new_sum, rescale, shifted)`: `rescale = exp(m - new_max)` multiplies any other sums
+    kept relative to the old maximum, and `shifted = logits - new_max[:, None]`.
+    """
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    rescale = jnp.exp(running_max - new_max)
+    shifted = logits - new_max[..., None]
+    new_sum = running_sum * rescale + jnp.sum(jnp.exp(shifted), axis=-1)
+    return new_max, new_sum, rescale, shifted

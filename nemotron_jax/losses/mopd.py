@@ -1,0 +1,98 @@
+"""Multi-domain on-policy distillation (MOPD, Nemotron-Cascade 2 Eq. 4): sampled-token reverse KL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nemotron_jax.losses import _checks
+from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation, masked_token_mean
+
+sg = jax.lax.stop_gradient
+
+
+def mopd_loss(
+    logprobs: jax.Array,
+    teacher_logprobs: jax.Array,
+    rollout_logprobs: jax.Array,
+    mask: jax.Array,
+    *,
+    is_low: float = 0.5,
+    is_high: float = 2.0,
+    aggregation: str = "seq_mean_token_mean",
+    num_tokens: Any = None,
+    num_sequences: Any = None,
+    max_tokens: Any = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MOPD loss: a policy gradient whose per-token advantage is the teacher-student log-prob gap.
+
+    Per valid token t (all three log-probs are of the token the rollout engine sampled):
+      a_t = sg(teacher_logprobs - logprobs)            sampled-token reverse-KL advantage,
+      r_t = exp(logprobs - rollout_logprobs)           training engine vs. inference engine,
+      w_t = sg(r_t) * 1[is_low <= r_t <= is_high]      ICE-POP style masked importance weight,
+      L_t = -w_t * a_t * logprobs,
+    aggregated by `aggregate_loss` (default per sequence, 1/|V(y)|, as in the paper). The gradient is
+    -w_t a_t grad log pi; minimising it lowers KL(pi || pi_teacher).
+
+    Args:
+      logprobs: `[B, T]` float, log pi_train of the sampled tokens (differentiated).
+      teacher_logprobs: `[B, T]` float, the domain teacher's log-probs of the same tokens.
+      rollout_logprobs: `[B, T]` float, the inference engine's log-probs of the same tokens.
+      mask: `[B, T]` bool/numeric, valid (trainable) response tokens; other positions are ignored.
+      is_low, is_high: importance-weight band, 0 <= is_low <= is_high (paper: 0.5, 2.0).
+      aggregation, num_tokens, num_sequences, max_tokens: see `aggregate_loss`.
+
+    Returns:
+      `(loss, metrics)`, metrics float32 scalars normalised by `num_tokens` (this batch's when None):
+        "mean_advantage": mean a_t over valid tokens, i.e. minus the sampled-token estimate of
+          KL(pi_train || pi_teacher); "reverse_kl_estimate" is its negation;
+        "is_masked_fraction": valid tokens whose weight is zero (r_t outside [is_low, is_high]);
+        "mean_is_weight": mean w_t.
+
+    Raises:
+      ValueError: shapes differ, unknown aggregation, is_low > is_high or negative bounds.
+    """
+    check_aggregation(aggregation)
+    logprobs, teacher_logprobs, rollout_logprobs, mask = (
+        _checks.as_array(x) for x in (logprobs, teacher_logprobs, rollout_logprobs, mask)
+    )
+    _checks.check_rank("logprobs", logprobs, 2)
+    _checks.check_floating("logprobs", logprobs)
+    _checks.check_same_shape("teacher_logprobs", teacher_logprobs, "logprobs", logprobs)
+    _checks.check_same_shape("rollout_logprobs", rollout_logprobs, "logprobs", logprobs)
+    _checks.check_same_shape("mask", mask, "logprobs", logprobs)
+    _checks.check_number("is_low", is_low, minimum=0.0)
+    _checks.check_number("is_high", is_high, minimum=0.0, exclusive_minimum=True)
+    if _checks.is_concrete_number(is_low) and _checks.is_concrete_number(is_high) and is_low > is_high:
+        raise ValueError(f"is_low={is_low} must not exceed is_high={is_high}")
+
+    dtype = _checks.compute_dtype(logprobs, teacher_logprobs, rollout_logprobs)
+    zero = jnp.zeros((), dtype)
+    valid = mask != 0
+    logprobs = jnp.where(valid, jnp.asarray(logprobs, dtype), zero)
+    teacher_logprobs = jnp.where(valid, jnp.asarray(teacher_logprobs, dtype), zero)
+    rollout_logprobs = jnp.where(valid, jnp.asarray(rollout_logprobs, dtype), zero)
+
+    advantage = sg(teacher_logprobs - logprobs)
+    ratio = sg(jnp.exp(logprobs - rollout_logprobs))
+    keep = (ratio >= is_low) & (ratio <= is_high)
+    weight = jnp.where(keep, ratio, zero)
+    per_token = -weight * advantage * logprobs
+    loss = aggregate_loss(
+        per_token,
+        mask,
+        aggregation,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        max_tokens=max_tokens,
+    )
+    mean_advantage = masked_token_mean(advantage, mask, num_tokens)
+    metrics = {
+        "mean_advantage": mean_advantage,
+        "reverse_kl_estimate": -mean_advantage,
+        "is_masked_fraction": masked_token_mean((~keep).astype(dtype), mask, num_tokens),
+        "mean_is_weight": masked_token_mean(weight, mask, num_tokens),
+    }
+    return loss, {name: value.astype(jnp.float32) for name, value in metrics.items()}
