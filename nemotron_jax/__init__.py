@@ -9,7 +9,7 @@
 
 from nemotron_jax.checkpoint import CheckpointError, load_hf, save_hf
 from nemotron_jax.generation import GenerationOutput, generate
-from nemotron_jax.model import ModelConfig, NemotronH, count_active_params, count_params
+from nemotron_jax.model import ModelConfig, NemotronH, count_active_params, count_params, init_params
 
 __all__ = ["ModelConfig", "NemotronH", "load_hf", "save_hf", "CheckpointError", "count_params",
-           "count_active_params", "generate", "GenerationOutput"]
+           "count_active_params", "init_params", "generate", "GenerationOutput"]

@@ -2,6 +2,6 @@
 
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.nemotron_h import NemotronH, init_cache
-from nemotron_jax.model.params import abstract_params, count_active_params, count_params
+from nemotron_jax.model.params import abstract_params, count_active_params, count_params, init_params
 
-__all__ = ["ModelConfig", "NemotronH", "init_cache", "abstract_params", "count_params", "count_active_params"]
+__all__ = ["ModelConfig", "NemotronH", "init_cache", "abstract_params", "count_params", "count_active_params", "init_params"]

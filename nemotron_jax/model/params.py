@@ -35,3 +35,13 @@ def count_active_params(cfg: ModelConfig, *, include_input_embedding: bool = Fal
     if not include_input_embedding:
         inactive += int(params["embeddings"]["embedding"].size)
     return total - inactive
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, *, shardings: Any = None) -> Any:
+    """Randomly initialised params, built by one jitted `init` (optionally straight into `shardings`, a
+    params-shaped pytree of `jax.sharding.Sharding`, so a large model is never materialised on one device)."""
+
+    def init(key):
+        return NemotronH(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+    return jax.jit(init, out_shardings=shardings)(key)

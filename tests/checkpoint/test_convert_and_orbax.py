@@ -55,7 +55,7 @@ def test_load_hf_streams_tensor_by_tensor(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    params = nj.NemotronH(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = nj.init_params(cfg, jax.random.key(0))
     nj.save_hf(cfg, params, str(tmp_path / "ckpt"))
     sizes = [np.asarray(x).nbytes for x in jax.tree.leaves(params)]
     checkpoint_bytes, largest = sum(sizes), max(sizes)

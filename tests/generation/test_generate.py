@@ -12,7 +12,7 @@ from nemotron_jax.generation import sampling_logprobs
 @pytest.fixture(scope="module")
 def tiny():
     cfg = nj.ModelConfig.preset("tiny", eos_token_id=None)
-    params = nj.NemotronH(cfg).init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nj.init_params(cfg, jax.random.key(3))
     return cfg, params
 
 

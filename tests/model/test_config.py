@@ -30,7 +30,7 @@ def test_nano_30b_a3b_parameter_counts():
 def test_tiny_preset_runs():
     cfg = ModelConfig.preset("tiny")
     model = nj.NemotronH(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     logits = jax.jit(model.apply)({"params": params}, jnp.ones((2, 8), jnp.int32))
     assert logits.shape == (2, 8, cfg.vocab_size) and logits.dtype == jnp.float32
     assert set(cfg.layer_pattern) == set("M*E-")
@@ -38,7 +38,7 @@ def test_tiny_preset_runs():
 
 def test_bfloat16_policy_keeps_router_float32():
     cfg = ModelConfig.preset("tiny", param_dtype="bfloat16", compute_dtype="bfloat16")
-    params = nj.NemotronH(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nj.init_params(cfg, jax.random.key(0))
     moe_layer = params["layers_2"]["mixer"]
     assert moe_layer["router_kernel"].dtype == jnp.float32
     assert moe_layer["e_score_correction_bias"].dtype == jnp.float32

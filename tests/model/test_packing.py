@@ -12,7 +12,7 @@ from nemotron_jax.model.config import ModelConfig
 @pytest.fixture(scope="module")
 def tiny_model():
     cfg = ModelConfig.preset("tiny")  # chunk 16: the boundaries below fall inside and on chunk edges
-    params = nj.NemotronH(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nj.init_params(cfg, jax.random.key(1))
     # A non-zero expert bias and spread-out routing make a routing mistake visible.
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.05 if "e_score_correction_bias" in jax.tree_util.keystr(path) else x, params)
@@ -66,7 +66,7 @@ def test_packed_batches_from_the_data_pipeline(tmp_path, jit_apply):
     assert batch["segment_ids"].max() >= 2  # rows really are packed
 
     cfg = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size)
-    params = nj.NemotronH(cfg).init(jax.random.key(2), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nj.init_params(cfg, jax.random.key(2))
     apply = jit_apply(cfg)
     packed = np.asarray(apply({"params": params}, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])))
     checked = 0
