@@ -31,6 +31,15 @@ HF_CONFIGS = {
         ssm_state_size=7, n_groups=5, conv_kernel=3, chunk_size=8, n_routed_experts=6, num_experts_per_tok=4,
         moe_intermediate_size=14, moe_shared_expert_intermediate_size=22, n_group=1, topk_group=1,
         routed_scaling_factor=1.0, norm_topk_prob=False, use_conv_bias=False),
+    # Latent MoE (Nemotron-3-Super style), biases everywhere transformers allows them, another activation,
+    # a tie flag and MTP count that transformers ignores, a pattern starting with MoE.
+    "latent_moe_biases": dict(
+        vocab_size=130, hidden_size=48, hybrid_override_pattern="EM*-ME", num_attention_heads=4,
+        num_key_value_heads=4, head_dim=10, intermediate_size=40, mamba_num_heads=4, mamba_head_dim=12,
+        ssm_state_size=6, n_groups=1, conv_kernel=2, chunk_size=16, n_routed_experts=10, num_experts_per_tok=3,
+        moe_intermediate_size=18, moe_shared_expert_intermediate_size=30, moe_latent_size=20, n_group=2,
+        topk_group=1, routed_scaling_factor=2.0, use_bias=True, mlp_bias=True, mlp_hidden_act="silu",
+        tie_word_embeddings=True, num_nextn_predict_layers=1, time_step_min=0.01),
 }
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterator
@@ -135,6 +137,9 @@ def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts
         elif kind == "moe":
             add(mixer + ("router_kernel",), f"{hf_mixer}.gate.weight", _transpose_last2, _transpose_last2)
             add(mixer + ("e_score_correction_bias",), f"{hf_mixer}.gate.e_score_correction_bias")
+            if cfg.moe_latent_size is not None:
+                linear(mixer + ("fc1_latent_proj",), f"{hf_mixer}.fc1_latent_proj", cfg.mlp_bias)
+                linear(mixer + ("fc2_latent_proj",), f"{hf_mixer}.fc2_latent_proj", cfg.mlp_bias)
             experts(mixer + ("experts_up_proj",), hf_mixer, "up_proj")
             experts(mixer + ("experts_down_proj",), hf_mixer, "down_proj")
             for name in ("up_proj", "down_proj"):
@@ -187,6 +192,7 @@ def load_hf(
     shardings: ShardingSpec = None,
     param_dtype: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    ignore_tensors: tuple[str, ...] = (r"^mtp\.",),
 ) -> tuple[ModelConfig, Any]:
     """Loads a Hugging Face `nemotron_h` checkpoint directory.
 
@@ -199,6 +205,8 @@ def load_hf(
       param_dtype: store parameters in this dtype (default: the config's `torch_dtype`). The router weight
         and correction bias stay float32.
       progress: called as `progress(tensors_done, tensors_total)` after each tensor.
+      ignore_tensors: regular expressions of tensor names to skip (logged with their count). The default
+        skips the multi-token-prediction heads, which transformers does not build either.
 
     Returns:
       (config, params) with params a nested dict of `jax.Array`.
@@ -210,6 +218,11 @@ def load_hf(
     cfg = config or ModelConfig.from_hf_config(hf_config, **({"param_dtype": param_dtype} if param_dtype else {}))
     files = checkpoint_files(directory)
     stored = {info.name: info for path in files for info in read_header(path)}
+    ignored = {name for name in stored if any(re.search(pattern, name) for pattern in ignore_tensors)}
+    if ignored:
+        logging.getLogger(__name__).warning("load_hf: skipping %d tensors matching %s (e.g. %s)", len(ignored),
+                                            ignore_tensors, sorted(ignored)[0])
+        stored = {name: info for name, info in stored.items() if name not in ignored}
     layout = _detect_layout(set(stored), cfg)
     mappings = tensor_mappings(cfg, **layout)
     by_hf_name = {name: (mapping, i) for mapping in mappings for i, name in enumerate(mapping.hf_names)}
@@ -232,7 +245,9 @@ def load_hf(
     sharding_of = _sharding_lookup(shardings)
     filling: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
     params: dict[ParamPath, jax.Array] = {}
-    for done, (info, array) in enumerate(iterate_tensors(files), start=1):
+    done = 0
+    for info, array in iterate_tensors(files, skip=ignored):
+        done += 1
         mapping, expert = by_hf_name[info.name]
         target = abstract[mapping.path]
         value = mapping.from_hf(array).astype(target.dtype)

@@ -15,7 +15,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -103,11 +103,12 @@ def checkpoint_files(directory: str) -> list[str]:
     return [os.path.join(directory, name) for name in files]
 
 
-def iterate_tensors(files: Iterable[str]) -> Iterator[tuple[TensorInfo, np.ndarray]]:
-    """Yields (info, array) one tensor at a time, file by file in storage order. Each array is a fresh copy
-    (the memory map is closed after each file), so at most one tensor is held here at a time."""
+def iterate_tensors(files: Iterable[str], skip: Collection[str] = ()) -> Iterator[tuple[TensorInfo, np.ndarray]]:
+    """Yields (info, array) one tensor at a time, file by file in storage order, leaving out the names in
+    `skip`. Each array is a fresh copy (the memory map is closed after each file), so at most one tensor is
+    held here at a time."""
     for path in files:
-        infos = read_header(path)
+        infos = [info for info in read_header(path) if info.name not in skip]
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             for info in infos:
                 array = np.frombuffer(mapped, info.dtype, count=int(np.prod(info.shape, dtype=np.int64)),

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from nemotron_jax.model.activations import ACTIVATIONS
+
 LAYER_KINDS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 
 # `layers_block_type` names used by transformers (old and new spellings) -> pattern character.
@@ -69,9 +71,11 @@ class ModelConfig:
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
 
-    # Dense MLP ('-' layers) and the shared expert: non-gated squared ReLU.
+    # Dense MLP ('-' layers), routed and shared experts: non-gated, `down(act(up(x)))`, act squared ReLU
+    # in the released models (see `ACTIVATIONS` in mlp.py for the others transformers allows).
     intermediate_size: int = 0
     mlp_bias: bool = False
+    mlp_hidden_act: str = "relu2"
 
     # Mixture of experts ('E' layers).
     n_routed_experts: int = 0
@@ -83,11 +87,17 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    # Latent MoE (Nemotron-3-Super): routed experts work in a `moe_latent_size` space between
+    # fc1_latent_proj / fc2_latent_proj. None in Nano / Cascade-2.
+    moe_latent_size: int | None = None
+    # Multi-token-prediction heads: not built (as in transformers); kept for the config round trip, and their
+    # `mtp.*` checkpoint tensors are skipped on load.
+    num_nextn_predict_layers: int = 0
 
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = False  # recorded only: transformers' nemotron_h never ties lm_head
     max_position_embeddings: int = 262144
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -161,8 +171,10 @@ class ModelConfig:
                 fail("num_experts_per_tok",
                      f"top-k {self.num_experts_per_tok} exceeds the {self.topk_group * experts_per_group} "
                      "experts left after group-limited routing (topk_group * experts per group)")
-        if self.tie_word_embeddings:
-            fail("tie_word_embeddings", "nemotron_h has an untied lm_head; tied embeddings are not supported")
+        if self.moe_latent_size is not None and self.moe_latent_size <= 0:
+            fail("moe_latent_size", f"must be positive or None, got {self.moe_latent_size}")
+        if self.mlp_hidden_act not in ACTIVATIONS:
+            fail("mlp_hidden_act", f"unknown activation {self.mlp_hidden_act!r}; one of {sorted(ACTIVATIONS)}")
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in _DTYPES:
                 fail(field, f"unknown dtype {getattr(self, field)!r}; one of {sorted(_DTYPES)}")
@@ -189,6 +201,11 @@ class ModelConfig:
     @property
     def mamba_in_proj_dim(self) -> int:
         return self.mamba_d_inner + self.mamba_conv_dim + self.mamba_num_heads
+
+    @property
+    def moe_expert_dim(self) -> int:
+        """Input/output width of the routed experts: the latent size if set, else hidden_size."""
+        return self.moe_latent_size or self.hidden_size
 
     @property
     def param_jnp_dtype(self) -> Any:
@@ -249,15 +266,9 @@ class ModelConfig:
                 f"HF config field num_hidden_layers={hf['num_hidden_layers']} does not match the "
                 f"{len(pattern)} layers of the layer pattern"
             )
-        if hf.get("mlp_hidden_act", "relu2") != "relu2":
-            raise ValueError(f"HF config field mlp_hidden_act: only 'relu2' is supported, got {hf['mlp_hidden_act']!r}")
         if hf.get("mamba_hidden_act", "silu") != "silu":
             raise ValueError(
                 f"HF config field mamba_hidden_act: only 'silu' is supported, got {hf['mamba_hidden_act']!r}")
-        if hf.get("moe_latent_size") is not None:
-            raise ValueError("HF config field moe_latent_size: latent MoE (Nemotron-3-Super) is not supported")
-        if hf.get("num_nextn_predict_layers", 0):
-            raise ValueError("HF config field num_nextn_predict_layers: MTP heads are not supported")
         # `time_step_limit` is not read: transformers' mixer clamps dt to [time_step_min, inf) whatever it says.
 
         names = {f.name for f in dataclasses.fields(cls)}
@@ -290,7 +301,6 @@ class ModelConfig:
             model_type="nemotron_h",
             layers_block_type=[_CHAR_TO_BLOCK_TYPE[c] for c in self.layer_pattern],
             num_hidden_layers=self.num_layers,
-            mlp_hidden_act="relu2",
             mamba_hidden_act="silu",
             torch_dtype=self.param_dtype,
         )

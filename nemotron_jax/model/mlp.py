@@ -1,19 +1,16 @@
-"""Non-gated squared-ReLU MLP: `down(relu(up(x))**2)`. Used for '-' layers and the MoE shared expert."""
+"""Non-gated MLP `down(act(up(x)))`, act squared ReLU in the released models. Used for '-' layers and the
+MoE shared expert."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from nemotron_jax.model.activations import ACTIVATIONS
 from nemotron_jax.model.config import ModelConfig
 
 
-def relu2(x: jax.Array) -> jax.Array:
-    return jnp.square(jax.nn.relu(x))
-
-
-class SquaredReluMLP(nn.Module):
+class MLP(nn.Module):
     """x [..., D] -> [..., D] through `intermediate_size` hidden units."""
 
     config: ModelConfig
@@ -24,5 +21,5 @@ class SquaredReluMLP(nn.Module):
         cfg = self.config
         dense = dict(dtype=cfg.compute_jnp_dtype, param_dtype=cfg.param_jnp_dtype, use_bias=cfg.mlp_bias,
                      kernel_init=nn.initializers.normal(cfg.initializer_range))
-        hidden = relu2(nn.Dense(self.intermediate_size, name="up_proj", **dense)(x))
+        hidden = ACTIVATIONS[cfg.mlp_hidden_act](nn.Dense(self.intermediate_size, name="up_proj", **dense)(x))
         return nn.Dense(cfg.hidden_size, name="down_proj", **dense)(hidden)

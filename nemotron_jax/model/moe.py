@@ -1,9 +1,10 @@
 """Mixture of experts: sigmoid router with aux-loss-free correction bias, group-limited top-k, dropless
-routed experts (non-gated squared ReLU) through a grouped matmul, and one always-on shared expert."""
+routed experts (non-gated, squared ReLU in the released models) through a grouped matmul, optionally in a
+latent space (Nemotron-3-Super), and one always-on shared expert."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 
 from nemotron_jax.kernels.grouped_matmul import gmm
 from nemotron_jax.model.config import ModelConfig
-from nemotron_jax.model.mlp import SquaredReluMLP, relu2
+from nemotron_jax.model.activations import ACTIVATIONS, relu2
+from nemotron_jax.model.mlp import MLP
 
 
 class Routing(NamedTuple):
@@ -77,8 +79,9 @@ def dispatch_experts(
     *,
     backend: str = "scan",
     tile_rows: int = 128,
+    activation: Callable[[jax.Array], jax.Array] = relu2,
 ) -> jax.Array:
-    """Dropless routed-expert computation: `sum_k w_k * down_e(relu(up_e(x))**2)` with e = expert_ids[:, k].
+    """Dropless routed-expert computation: `sum_k w_k * down_e(act(up_e(x)))` with e = expert_ids[:, k].
 
     Token copies are sorted by expert, each expert's contiguous block goes through a grouped matmul, and the
     results are un-sorted and combined. Nothing of size [tokens, experts, hidden] is built.
@@ -99,7 +102,7 @@ def dispatch_experts(
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     up = gmm(sorted_hidden, up_proj, group_sizes, backend=backend, tile_rows=tile_rows,
              preferred_element_type=hidden.dtype)
-    out = gmm(relu2(up), down_proj, group_sizes, backend=backend, tile_rows=tile_rows,
+    out = gmm(activation(up), down_proj, group_sizes, backend=backend, tile_rows=tile_rows,
               preferred_element_type=jnp.float32)
     out = out * expert_weights.reshape(-1)[order][:, None]
     unsorted = jnp.zeros_like(out).at[order].set(out)  # back to [token, k] slot order
@@ -121,10 +124,11 @@ class MoE(nn.Module):
         router_kernel = self.param("router_kernel", std, (dim, cfg.n_routed_experts), jnp.float32)
         correction_bias = self.param("e_score_correction_bias", nn.initializers.zeros, (cfg.n_routed_experts,),
                                      jnp.float32)
-        up_proj = self.param("experts_up_proj", std, (cfg.n_routed_experts, dim, cfg.moe_intermediate_size),
+        expert_dim = cfg.moe_expert_dim
+        up_proj = self.param("experts_up_proj", std, (cfg.n_routed_experts, expert_dim, cfg.moe_intermediate_size),
                              cfg.param_jnp_dtype)
-        down_proj = self.param("experts_down_proj", std, (cfg.n_routed_experts, cfg.moe_intermediate_size, dim),
-                               cfg.param_jnp_dtype)
+        down_proj = self.param("experts_down_proj", std,
+                               (cfg.n_routed_experts, cfg.moe_intermediate_size, expert_dim), cfg.param_jnp_dtype)
         tokens = hidden.reshape(batch * length, dim)
         routing = route(
             tokens, router_kernel, jax.lax.stop_gradient(correction_bias),
@@ -134,10 +138,16 @@ class MoE(nn.Module):
         )
         self.sow("intermediates", "expert_ids", routing.expert_ids)
         compute = cfg.compute_jnp_dtype
+        dense = dict(dtype=compute, param_dtype=cfg.param_jnp_dtype, use_bias=cfg.mlp_bias, kernel_init=std)
+        expert_inputs = tokens.astype(compute)
+        if cfg.moe_latent_size is not None:
+            expert_inputs = nn.Dense(cfg.moe_latent_size, name="fc1_latent_proj", **dense)(expert_inputs)
         routed = dispatch_experts(
-            tokens.astype(compute), routing.expert_ids, routing.expert_weights,
+            expert_inputs, routing.expert_ids, routing.expert_weights,
             up_proj.astype(compute), down_proj.astype(compute),
-            backend=cfg.moe_backend, tile_rows=cfg.moe_tile_rows,
-        )
-        shared = SquaredReluMLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(hidden)
+            backend=cfg.moe_backend, tile_rows=cfg.moe_tile_rows, activation=ACTIVATIONS[cfg.mlp_hidden_act],
+        ).astype(compute)
+        if cfg.moe_latent_size is not None:
+            routed = nn.Dense(dim, name="fc2_latent_proj", **dense)(routed)
+        shared = MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(hidden)
         return routed.reshape(batch, length, dim).astype(hidden.dtype) + shared

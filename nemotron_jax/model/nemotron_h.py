@@ -6,7 +6,7 @@ Parameter tree (names mirror the Hugging Face checkpoint, see `checkpoint/hf.py`
 
     embeddings/embedding [V, D]       norm_f/weight [D]         lm_head/kernel [D, V]
     layers_{i}/norm/weight [D]
-    layers_{i}/mixer/...              Mamba2Mixer | Attention | MoE | SquaredReluMLP
+    layers_{i}/mixer/...              Mamba2Mixer | Attention | MoE | MLP
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from nemotron_jax.model.attention import Attention, init_attention_cache
 from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
 from nemotron_jax.model.mamba2 import Mamba2Mixer, init_mamba_cache
-from nemotron_jax.model.mlp import SquaredReluMLP
+from nemotron_jax.model.mlp import MLP
 from nemotron_jax.model.moe import MoE
 from nemotron_jax.model.norms import RMSNorm
 from nemotron_jax.model.segments import contiguous_run_ids
@@ -42,7 +42,7 @@ class Block(nn.Module):
         elif self.kind == "moe":
             self.mixer = MoE(cfg)
         else:
-            self.mixer = SquaredReluMLP(cfg, cfg.intermediate_size)
+            self.mixer = MLP(cfg, cfg.intermediate_size)
 
     def __call__(self, hidden, run_ids, cache=None, cache_meta=None, expert_ids=None):
         mixer_input = self.norm(hidden)

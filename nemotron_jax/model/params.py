@@ -30,7 +30,7 @@ def count_active_params(cfg: ModelConfig, *, include_input_embedding: bool = Fal
     params = abstract_params(cfg)
     total = sum(int(leaf.size) for leaf in jax.tree.leaves(params))
     unrouted = cfg.n_routed_experts - cfg.num_experts_per_tok
-    per_expert = 2 * cfg.hidden_size * cfg.moe_intermediate_size
+    per_expert = 2 * cfg.moe_expert_dim * cfg.moe_intermediate_size
     inactive = cfg.layer_pattern.count("E") * unrouted * per_expert
     if not include_input_embedding:
         inactive += int(params["embeddings"]["embedding"].size)

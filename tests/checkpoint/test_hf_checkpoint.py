@@ -116,6 +116,12 @@ def test_missing_extra_and_misshaped_tensors_are_named(loaded, tmp_path):
     with pytest.raises(CheckpointError, match="unexpected tensors.*rotary.inv_freq"):
         nj.load_hf(str(tmp_path / "extra"))
 
+    # Multi-token-prediction heads (not part of the model, as in transformers) are skipped, and said so.
+    _rewrite_checkpoint(directory, str(tmp_path / "mtp"),
+                        lambda t: {**t, "mtp.layers.0.mixer.q_proj.weight": np.ones((4, 4), np.float32)})
+    _, params = nj.load_hf(str(tmp_path / "mtp"))
+    assert "mtp" not in params
+
     def misshape(tensors):
         tensors["backbone.layers.1.mixer.in_proj.weight"] = tensors["backbone.layers.1.mixer.in_proj.weight"][:-1]
         return tensors

@@ -59,7 +59,8 @@ def test_bfloat16_policy_keeps_router_float32():
     ("param_dtype", "float8", "param_dtype"),
     ("moe_backend", "dense", "moe_backend"),
     ("hidden_size", 0, "hidden_size"),
-    ("tie_word_embeddings", True, "tie_word_embeddings"),
+    ("mlp_hidden_act", "tanh", "mlp_hidden_act"),
+    ("moe_latent_size", 0, "moe_latent_size"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     base = dataclasses.asdict(ModelConfig.preset("tiny"))
@@ -75,7 +76,7 @@ def test_bad_hf_config_names_the_field():
     with pytest.raises(ValueError, match="num_hidden_layers"):
         ModelConfig.from_hf_config({**hf, "num_hidden_layers": 7})
     with pytest.raises(ValueError, match="mlp_hidden_act"):
-        ModelConfig.from_hf_config({**hf, "mlp_hidden_act": "gelu"})
+        ModelConfig.from_hf_config({**hf, "mlp_hidden_act": "sparsemax"})
     legacy = {k: v for k, v in hf.items() if k != "layers_block_type"}
     with pytest.raises(ValueError, match="layer_pattern"):
         ModelConfig.from_hf_config({**legacy, "hybrid_override_pattern": "M*Q", "num_hidden_layers": 3})

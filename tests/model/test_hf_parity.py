@@ -8,7 +8,8 @@ import nemotron_jax as nj
 from nemotron_jax.model.config import ModelConfig
 
 
-@pytest.mark.parametrize("name", ["base", "attention_first_grouped_routing", "deep_small_chunks"])
+@pytest.mark.parametrize("name", ["base", "attention_first_grouped_routing", "deep_small_chunks",
+                                  "latent_moe_biases"])
 def test_logits_match_transformers(hf_checkpoints, reference, jit_apply, name):
     length = 77  # >= 64 and not a multiple of any chunk size used (8, 16, 32)
     hf_model, directory = hf_checkpoints[name]
