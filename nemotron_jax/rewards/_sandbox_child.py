@@ -1,0 +1,402 @@
+"""Launcher that runs inside the sandbox's own process tree; see `sandbox.py` for the design.
+
+`sandbox.run_sandboxed` starts this file as `python -I -S -B -X utf8 _sandbox_child.py key=value ...` in a
+new session with an empty environment; that same interpreter later runs the program (`_run_as_main`).
+It is trusted code running with the caller's privileges, so it imports only `os`, `sys`, `ctypes`,
+`resource` and `signal` (a few milliseconds; `json` would pull in `re`).
+
+Process tree and what each process does:
+
+    launcher (this file, caller's pid namespace)
+      - unshares new network / mount / IPC / UTS / PID namespaces (as root, or inside a new user namespace
+        when not root); each one that fails is reported, never silently dropped,
+      - in the new mount namespace: makes every mount private, read-only and nosuid, then mounts a
+        size-limited tmpfs on the working directory and copies the program into it;
+      - forks the supervisor, waits for it, exits.
+    supervisor (pid 1 of the new PID namespace when there is one; otherwise the launcher itself)
+      - mounts a fresh /proc for the namespace, forks the program process, reaps orphans, reports the
+        program's exit status and resource usage, and exits. When pid 1 of a PID namespace exits, the
+        kernel kills every other process in it: nothing the program started survives it.
+    program process
+      - chdir to the working directory, resource limits, no_new_privs, drops to the sandbox uid/gid,
+        restores default signal dispositions, then runs the program as `__main__` in this same fresh
+        interpreter (see `_run_as_main`).
+
+Everything is reported to the caller on the status pipe (`status_fd`), one line per fact:
+`iso <mechanism,...>`, `warn <text>`, `error <text>` (setup failed; the program never ran),
+`exit <code>` or `signal <number>`, and `rusage <user_s> <sys_s> <maxrss_kib>`.
+"""
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+SYS_MOUNT_SETATTR = 442  # same number on every architecture (syscalls >= 424 are unified)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+_NAMESPACES = (  # (flag, mechanism name reported to the caller)
+    (CLONE_NEWNET, "net_namespace"),
+    (CLONE_NEWNS, "mount_namespace"),
+    (CLONE_NEWPID, "pid_namespace"),
+    (CLONE_NEWIPC, "ipc_namespace"),
+    (CLONE_NEWUTS, "uts_namespace"),
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class SetupError(Exception):
+    """A sandbox mechanism that must work did not; the program is not run."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source, target, fstype, flags, data=None) -> None:
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+class Status:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def send(self, line: str) -> None:
+        data = (line.replace("\n", " ") + "\n").encode("utf-8", "replace")
+        try:
+            os.write(self.fd, data if len(data) < 4000 else data[:3999] + b"\n")  # < PIPE_BUF: atomic
+        except OSError:
+            pass
+
+
+def _parse_args(argv):
+    config, env = {}, {}
+    for item in argv:
+        key, _, value = item.partition("=")
+        if key.startswith("env:"):
+            env[key[4:]] = value
+        else:
+            config[key] = value
+    return config, env
+
+
+def _write_id_map(path: str, inside: int, outside: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{inside} {outside} 1\n")
+
+
+def _unshare(status: Status) -> set:
+    """Enters as many of the new namespaces as the OS allows; returns the mechanism names entered."""
+    wanted = 0
+    for flag, _ in _NAMESPACES:
+        wanted |= flag
+    uid, gid = os.getuid(), os.getgid()
+    # Unprivileged callers need a user namespace to get the capabilities for the others.
+    flags = wanted if uid == 0 else wanted | CLONE_NEWUSER
+    if _libc.unshare(flags) == 0:
+        entered = {name for flag, name in _NAMESPACES}
+        if flags & CLONE_NEWUSER:
+            _enter_user_namespace_maps(uid, gid)
+            entered.add("user_namespace")
+        return entered
+    status.send(f"warn unshare of all namespaces failed: {os.strerror(ctypes.get_errno())}; trying one by one")
+    entered = set()
+    for flag, name in _NAMESPACES:
+        if _libc.unshare(flag) == 0:
+            entered.add(name)
+        else:
+            status.send(f"warn {name} unavailable: {os.strerror(ctypes.get_errno())}")
+    return entered
+
+
+def _enter_user_namespace_maps(uid: int, gid: int) -> None:
+    # Identity map: inside, the program keeps the caller's (non-zero) uid, so the capabilities the user
+    # namespace granted to this launcher are dropped when the program is exec'd.
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    _write_id_map("/proc/self/uid_map", uid, uid)
+    _write_id_map("/proc/self/gid_map", gid, gid)
+
+
+_MOUNT_OPTION_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+}
+
+
+def _make_tree_read_only(status: Status) -> None:
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    result = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if result == 0:
+        return
+    status.send(f"warn mount_setattr unavailable ({os.strerror(ctypes.get_errno())}); remounting each mount")
+    # Older kernels: bind-remount every mount point read-only, keeping its other per-mount flags (which a
+    # user namespace may not clear).
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        mount_point = fields[4].encode().decode("unicode_escape")
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+        for option in fields[5].split(","):
+            flags |= _MOUNT_OPTION_FLAGS.get(option, 0)
+        try:
+            _mount(None, mount_point, None, flags)
+        except OSError as error:
+            raise SetupError(f"cannot make {mount_point} read-only: {error}") from None
+
+
+def _prepare_filesystem(config, status: Status) -> None:
+    workdir = config["workdir"]
+    program_path = os.path.join(workdir, config["program_file"])
+    with open(program_path, "rb") as f:
+        program = f.read()
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates to the caller's mounts
+    _make_tree_read_only(status)
+    owner = ""
+    if int(config["uid"]) >= 0:
+        owner = f",uid={config['uid']},gid={config['gid']}"
+    _mount(
+        "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+        f"size={config['tmpfs_bytes']},nr_inodes={config['tmpfs_inodes']},mode=0700{owner}",
+    )
+    fd = os.open(program_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    try:
+        os.write(fd, program)
+    finally:
+        os.close(fd)
+
+
+def _set_limits(config) -> None:
+    def limit(kind, value):
+        resource.setrlimit(kind, (value, value))
+
+    cpu = int(config["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit, SIGKILL 1 s later
+    limit(resource.RLIMIT_AS, int(config["as_bytes"]))
+    limit(resource.RLIMIT_FSIZE, int(config["fsize_bytes"]))
+    limit(resource.RLIMIT_NOFILE, int(config["nofile"]))
+    limit(resource.RLIMIT_NPROC, int(config["nproc"]))
+    limit(resource.RLIMIT_CORE, 0)
+    if hasattr(resource, "RLIMIT_MEMLOCK"):
+        limit(resource.RLIMIT_MEMLOCK, 0)
+
+
+def _exec_program(config, env, status: Status, pid_namespace: bool) -> None:
+    """Runs in the forked program process; never returns."""
+    try:
+        os.chdir(config["workdir"])
+        program_path = os.path.join(config["workdir"], config["program_file"])
+        _set_limits(config)
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+        uid, gid = int(config["uid"]), int(config["gid"])
+        if uid >= 0:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        if os.geteuid() == 0:
+            raise SetupError("refusing to run the program as root")
+        if not pid_namespace:
+            # Set after the uid change, which clears it: the program dies with its supervisor.
+            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)  # as in a fresh interpreter's children (exec keeps SIG_IGN)
+        os.environ.clear()
+        os.environ.update(env)
+    except BaseException as error:  # noqa: BLE001 - anything here means the program cannot run
+        status.send(f"error {type(error).__name__}: {error}")
+        os._exit(126)
+    os.close(status.fd)
+    os._exit(_run_as_main(program_path))
+
+
+def _run_as_main(program_path: str) -> int:
+    """Executes the program file the way `python -I -S program.py` would, in this (fresh, isolated) interpreter.
+
+    This interpreter was started for this run only (`-I -S -B -X utf8`, empty environment) and has imported
+    nothing but this launcher's few modules, so running the program here instead of exec'ing a second
+    interpreter halves the cost of a run. The program gets a new `__main__` module, `sys.argv`, the normal
+    exit-status rules for `SystemExit`, uncaught-exception tracebacks (without this launcher's frames), and
+    the interpreter's shutdown steps: joining non-daemon threads, atexit handlers, flushing stdio.
+    """
+    import builtins
+
+    main = type(sys)("__main__")
+    main.__file__ = program_path
+    main.__builtins__ = builtins
+    main.__cached__ = None
+    sys.modules["__main__"] = main
+    sys.argv = [program_path]
+    exit_code = 0
+    try:
+        with open(program_path, "rb") as f:
+            source = f.read()
+        exec(compile(source, program_path, "exec", dont_inherit=True), main.__dict__)
+    except SystemExit as exit_request:
+        exit_code = _exit_code(exit_request)
+    except BaseException as error:  # noqa: BLE001 - reported like the interpreter does
+        exit_code = _report_uncaught(error)
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()  # noqa: SLF001 - what interpreter shutdown does first
+        import atexit
+
+        atexit._run_exitfuncs()  # noqa: SLF001
+    except SystemExit as exit_request:
+        exit_code = _exit_code(exit_request)
+    except BaseException as error:  # noqa: BLE001
+        exit_code = _report_uncaught(error)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - a closed or broken stream: nothing more to write
+            if stream is sys.stdout:
+                exit_code = exit_code or 120  # what CPython does when stdout cannot be flushed
+    return exit_code
+
+
+def _exit_code(exit_request: SystemExit) -> int:
+    code = exit_request.code
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code & 0xFF
+    try:
+        sys.stderr.write(f"{code}\n")
+    except BaseException:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _report_uncaught(error: BaseException) -> int:
+    traceback = error.__traceback__
+    if traceback is not None and traceback.tb_frame.f_code is _run_as_main.__code__:
+        traceback = traceback.tb_next  # hide this launcher's frame, as `python program.py` would
+    try:
+        # The default hook prints the exception's own __traceback__, so trim that one.
+        sys.__excepthook__(type(error), error.with_traceback(traceback), traceback)
+    except BaseException:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _supervise(config, env, status: Status, pid_namespace: bool) -> int:
+    """Forks the program, waits for it (reaping orphans when pid 1), reports its status."""
+    program_pid = os.fork()
+    if program_pid == 0:
+        _exec_program(config, env, status, pid_namespace)
+    while True:
+        try:
+            pid, wait_status, usage = os.wait4(-1 if pid_namespace else program_pid, 0)
+        except ChildProcessError:
+            status.send("error program process vanished")
+            return 1
+        except InterruptedError:
+            continue
+        if pid == program_pid:
+            break
+    if os.WIFSIGNALED(wait_status):
+        status.send(f"signal {os.WTERMSIG(wait_status)}")
+    else:
+        status.send(f"exit {os.WEXITSTATUS(wait_status)}")
+    status.send(f"rusage {usage.ru_utime:.4f} {usage.ru_stime:.4f} {usage.ru_maxrss}")
+    return 0
+
+
+def main(argv) -> int:
+    config, env = _parse_args(argv)
+    status = Status(int(config["status_fd"]))
+    os.set_inheritable(status.fd, False)  # the program process must not inherit the status pipe
+    # Die with the caller: a SIGKILLed caller leaves no sandbox running.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(config["parent_pid"]):
+        return 1
+    try:
+        mechanisms = set()
+        if config["namespaces"] == "1":
+            mechanisms = _unshare(status)
+            if "mount_namespace" in mechanisms:
+                _prepare_filesystem(config, status)
+                mechanisms |= {"read_only_root", "private_tmpfs_workdir"}
+        if int(config["uid"]) >= 0:
+            mechanisms.add("unprivileged_uid")
+        mechanisms.add("no_new_privs")
+        config["iso"] = ",".join(sorted(mechanisms))
+        status.send(f"iso {config['iso']}")
+        if "pid_namespace" not in mechanisms:
+            return _supervise(config, env, status, pid_namespace=False)
+        init_pid = os.fork()  # the first child in the new PID namespace is its pid 1
+        if init_pid == 0:
+            code = 1
+            try:
+                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if "mount_namespace" in mechanisms:
+                    try:  # a /proc that shows only this namespace's processes
+                        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                    except OSError as error:
+                        status.send(f"warn private /proc not mounted: {error}")
+                code = _supervise(config, env, status, pid_namespace=True)
+            except BaseException as error:  # noqa: BLE001
+                status.send(f"error supervisor: {type(error).__name__}: {error}")
+            os._exit(code)
+        os.close(status.fd)
+        while True:
+            try:
+                _, wait_status = os.waitpid(init_pid, 0)
+                return os.waitstatus_to_exitcode(wait_status) & 0xFF
+            except InterruptedError:
+                continue
+    except BaseException as error:  # noqa: BLE001 - report, never leave the caller guessing
+        status.send(f"error {type(error).__name__}: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
