@@ -1,13 +1,14 @@
-"""Launcher that runs inside the sandbox's own process tree; see `sandbox.py` for the design.
+"""Fork server and launcher that run the sandbox's process tree; see `sandbox.py` for the design.
 
-`sandbox.run_sandboxed` starts this file as `python -I -S -B -X utf8 _sandbox_child.py key=value ...` in a
-new session with an empty environment; that same interpreter later runs the program (`_run_as_main`).
-It is trusted code running with the caller's privileges, so it imports only `os`, `sys`, `ctypes`,
-`resource` and `signal` (a few milliseconds; `json` would pull in `re`).
+`sandbox.run_sandboxed` starts this file once per caller process and interpreter, as
+`python -I -S -B -X utf8 _sandbox_child.py --serve FD` with an empty environment, and sends it one request
+per run (`serve`). It is trusted code running with the caller's privileges, so it imports only `os`, `sys`,
+`ctypes`, `resource`, `signal` and `socket`; every run is a fork of this small, idle interpreter, which then
+runs the program as `__main__` (`_run_as_main`), so a run costs a few forks instead of an interpreter start.
 
-Process tree and what each process does:
+Process tree of one run and what each process does:
 
-    launcher (this file, caller's pid namespace)
+    launcher (forked by the server; caller's pid namespace; its own session and process group)
       - unshares new network / mount / IPC / UTS / PID namespaces (as root, or inside a new user namespace
         when not root); each one that fails is reported, never silently dropped,
       - in the new mount namespace: makes every mount private, read-only and nosuid, then mounts a
@@ -19,10 +20,10 @@ Process tree and what each process does:
         kernel kills every other process in it: nothing the program started survives it.
     program process
       - chdir to the working directory, resource limits, no_new_privs, drops to the sandbox uid/gid,
-        restores default signal dispositions, then runs the program as `__main__` in this same fresh
-        interpreter (see `_run_as_main`).
+        restores default signal dispositions, closes every descriptor but 0, 1, 2, then runs the program
+        as `__main__` (see `_run_as_main`).
 
-Everything is reported to the caller on the status pipe (`status_fd`), one line per fact:
+Everything is reported to the caller on the status pipe, one line per fact:
 `iso <mechanism,...>`, `warn <text>`, `error <text>` (setup failed; the program never ran),
 `exit <code>` or `signal <number>`, and `rusage <user_s> <sys_s> <maxrss_kib>`.
 """
@@ -252,7 +253,7 @@ def _exec_program(config, env, status: Status, pid_namespace: bool) -> None:
     except BaseException as error:  # noqa: BLE001 - anything here means the program cannot run
         status.send(f"error {type(error).__name__}: {error}")
         os._exit(126)
-    os.close(status.fd)
+    os.closerange(3, 1 << 20)  # the status pipe included: the program keeps only stdin, stdout, stderr
     os._exit(_run_as_main(program_path))
 
 
@@ -350,14 +351,8 @@ def _supervise(config, env, status: Status, pid_namespace: bool) -> int:
     return 0
 
 
-def main(argv) -> int:
-    config, env = _parse_args(argv)
-    status = Status(int(config["status_fd"]))
-    os.set_inheritable(status.fd, False)  # the program process must not inherit the status pipe
-    # Die with the caller: a SIGKILLed caller leaves no sandbox running.
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != int(config["parent_pid"]):
-        return 1
+def _launch(config, env, status: Status) -> int:
+    """The launcher's part: namespaces and file system, then the supervisor (see the module docstring)."""
     try:
         mechanisms = set()
         if config["namespaces"] == "1":
@@ -398,5 +393,77 @@ def main(argv) -> int:
         return 1
 
 
+def _start_launcher(payload: bytes, fds: list, server, server_pid: int) -> int:
+    """Forks the launcher for one run; in the parent returns its pid."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    code = 1
+    try:
+        server.close()  # nothing in the sandbox may reach the fork server
+        os.setsid()  # own session and process group: the caller kills the run with killpg(pid)
+        # Die with the fork server (which exits when the caller does): no run outlives its caller.
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != server_pid:
+            os._exit(1)
+        stdin_fd, stdout_fd, stderr_fd, status_fd = fds
+        for source, target in ((stdin_fd, 0), (stdout_fd, 1), (stderr_fd, 2)):
+            os.dup2(source, target)
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            os.close(fd)
+        config, env = _parse_args(payload.decode("utf-8").split("\0"))
+        code = _launch(config, env, Status(status_fd))
+    finally:
+        os._exit(code)
+
+
+def serve(sock_fd: int) -> int:
+    """Fork server: one launcher per request, so a run costs a fork instead of an interpreter start.
+
+    Requests on the SOCK_SEQPACKET socket: `run\\0key=value\\0...` with four file descriptors attached
+    (stdin, stdout, stderr, status pipe), answered with the launcher's pid; `reap\\0<pid>`, sent by the
+    caller once it no longer needs the launcher's pid (until then the pid stays a zombie, so the caller's
+    killpg can never hit a recycled process group). EOF (the caller exited) ends the server, and every
+    launcher dies with it (PR_SET_PDEATHSIG).
+    """
+    import socket
+
+    server = socket.socket(fileno=sock_fd)
+    server_pid = os.getpid()
+    unreaped = set()
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(server, 1 << 20, 4)
+        except InterruptedError:
+            continue
+        except OSError:
+            return 1
+        if not message:
+            return 0
+        kind, _, payload = message.partition(b"\0")
+        try:
+            if kind == b"run" and len(fds) == 4:
+                try:
+                    reply = str(_start_launcher(payload, fds, server, server_pid))
+                except OSError as error:
+                    reply = f"error fork failed: {error}"
+                server.send(reply.encode())
+            elif kind == b"reap":
+                unreaped.add(int(payload))
+            else:
+                server.send(b"error malformed request")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for pid in list(unreaped):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    unreaped.discard(pid)
+            except ChildProcessError:
+                unreaped.discard(pid)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    if sys.argv[1:2] != ["--serve"] or len(sys.argv) != 3:
+        sys.exit("usage: _sandbox_child.py --serve SOCKET_FD (started by nemotron_jax.rewards.sandbox)")
+    sys.exit(serve(int(sys.argv[2])))

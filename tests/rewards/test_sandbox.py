@@ -1,0 +1,408 @@
+"""Security and behaviour tests for `nemotron_jax.rewards.sandbox`.
+
+Each hostile program must be contained and reported with a status, the test process must be unharmed, and
+nothing may be left behind: no file outside the sandbox's temporary directory, no sandbox directory, no
+process of a sandbox uid. An autouse fixture checks the last two after every test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import tracemalloc
+import uuid
+
+import pytest
+
+from nemotron_jax.rewards import sandbox
+from nemotron_jax.rewards.sandbox import SandboxStatus, run_sandboxed, sandbox_capabilities
+
+LIMITS = {"timeout_s": 5.0, "memory_mb": 256}
+
+
+@pytest.fixture(scope="module")
+def caps():
+    capabilities = sandbox_capabilities()
+    assert capabilities.python is not None, f"no interpreter runs in the sandbox: {capabilities.warnings}"
+    return capabilities
+
+
+def _sandbox_dirs() -> set[str]:
+    root = tempfile.gettempdir()
+    return {name for name in os.listdir(root) if name.startswith("nemotron-jax-sandbox-")}
+
+
+def _sandbox_uid_processes() -> list[int]:
+    first, last = sandbox._UID_BLOCK_START, sandbox._UID_BLOCK_START + sandbox._UID_BLOCK_SIZE
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            uid = os.stat(f"/proc/{name}").st_uid
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if (first <= uid < last or uid == sandbox._NOBODY_UID) and state != b"Z":
+            pids.append(int(name))
+    return pids
+
+
+def _processes_with_marker(marker: str) -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    dirs_before = _sandbox_dirs()
+    yield
+    assert _sandbox_dirs() - dirs_before == set(), "a sandbox working directory was left behind"
+    assert _sandbox_uid_processes() == [], "a process of a sandbox uid survived its run"
+
+
+def test_stdin_stdout_exit_code_and_stderr(caps):
+    result = run_sandboxed("import sys\nname = input()\nprint('hello', name)\nprint('warn', file=sys.stderr)",
+                           stdin="world\n", **LIMITS)
+    assert result.status is SandboxStatus.PASSED and result.passed
+    assert result.stdout == "hello world\n" and result.stderr == "warn\n" and result.exit_code == 0
+    assert set(result.isolation) == set(caps.isolation)
+
+    failed = run_sandboxed("import sys\nprint('partial')\nsys.exit(3)", **LIMITS)
+    assert failed.status is SandboxStatus.FAILED and failed.exit_code == 3 and failed.stdout == "partial\n"
+
+    raised = run_sandboxed("def f():\n    raise ValueError('boom')\nf()", **LIMITS)
+    assert raised.status is SandboxStatus.FAILED and raised.exit_code == 1
+    assert "ValueError: boom" in raised.stderr and "main.py" in raised.stderr
+    assert "_sandbox_child" not in raised.stderr  # the launcher's frames are not shown
+
+    syntax = run_sandboxed("def f(:\n", **LIMITS)
+    assert syntax.status is SandboxStatus.FAILED and "SyntaxError" in syntax.stderr
+
+
+def test_program_runs_like_a_script(caps):
+    program = (
+        "import sys, os, threading, atexit, time\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "def worker():\n    time.sleep(0.2); print('thread joined')\n"
+        "threading.Thread(target=worker).start()\n"
+        "print(__name__, os.path.basename(__file__), sys.flags.isolated, sys.flags.no_site)\n"
+        "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))\n"
+        "print(os.getcwd() == os.path.dirname(__file__), os.listdir('.'))\n"
+        "print(sys.stdin.read() == 'α β\\n', 'é')\n"
+    )
+    result = run_sandboxed(program, stdin="α β\n", **LIMITS)
+    assert result.passed, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == "__main__ main.py 1 1"
+    assert set(eval(lines[1])) <= {0, 1, 2, 3}  # stdin, stdout, stderr (+ the listdir handle): nothing else
+    assert lines[2] == "True ['main.py']"  # an empty working directory besides the program
+    assert lines[3] == "True é"
+    assert lines[4:] == ["thread joined", "atexit ran"]
+
+
+def test_infinite_loop_times_out(caps):
+    start = time.monotonic()
+    result = run_sandboxed("while True:\n    pass", timeout_s=1.0, memory_mb=256)
+    elapsed = time.monotonic() - start
+    assert result.status is SandboxStatus.TIMED_OUT and "wall-clock" in result.message
+    assert 1.0 <= elapsed < 3.0
+
+    # The per-process CPU limit also catches a loop (e.g. one started in a child the wall clock misses).
+    cpu = run_sandboxed("while True:\n    pass", timeout_s=10.0, memory_mb=256, cpu_time_s=1)
+    assert cpu.status is SandboxStatus.TIMED_OUT and "CPU-time" in cpu.message, cpu
+    assert cpu.wall_time_s < 5.0
+
+
+def test_fork_bomb_is_contained(caps):
+    limited = "pid_namespace" in caps.isolation or caps.unprivileged_uid
+    # A counting bomb: how many children can exist at once?
+    counter = (
+        "import os, time\n"
+        "children = 0\n"
+        "while children < 1000:\n"
+        "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "    children += 1\n"
+        "print(children)\n"
+    )
+    result = run_sandboxed(counter, max_processes=16, **LIMITS)
+    assert result.passed, result
+    if limited:
+        assert int(result.stdout) < 16  # RLIMIT_NPROC counts the program itself too
+    # The real thing: every process forks forever.
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    start = time.monotonic()
+    result = run_sandboxed(bomb, timeout_s=2.0, memory_mb=256, max_processes=32)
+    assert result.status in (SandboxStatus.TIMED_OUT, SandboxStatus.CRASHED), result
+    assert time.monotonic() - start < 6.0
+    # Afterwards the fixture checks that no process of the sandbox uid is left.
+
+
+def test_memory_bomb_is_contained(caps):
+    at_once = run_sandboxed("blob = bytearray(8 * 1024 ** 3)", timeout_s=5.0, memory_mb=256)
+    assert at_once.status is SandboxStatus.CRASHED and "memory" in at_once.message, at_once
+    gradual = run_sandboxed("chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 ** 2))",
+                            timeout_s=5.0, memory_mb=256)
+    assert gradual.status is SandboxStatus.CRASHED and "memory" in gradual.message, gradual
+    assert gradual.max_rss_kib is not None and gradual.max_rss_kib < 300 * 1024
+
+
+def test_one_gigabyte_write_is_stopped(caps, tmp_path):
+    disk_before = shutil.disk_usage(tempfile.gettempdir()).used
+    program = (
+        "import os\n"
+        "chunk = b'x' * (1 << 20)\n"
+        "written = 0\n"
+        "try:\n"
+        "    with open('big.bin', 'wb') as f:\n"
+        "        for _ in range(1024):\n"
+        "            f.write(chunk)\n            written += len(chunk)\n"
+        "finally:\n"
+        "    print('written', written, flush=True)\n"
+    )
+    result = run_sandboxed(program, max_file_bytes=32 * 1024 * 1024, **LIMITS)
+    assert result.status is SandboxStatus.FAILED, result
+    assert "File too large" in result.stderr or "No space left" in result.stderr
+    written = int(result.stdout.split()[1])
+    assert written <= 32 * 1024 * 1024
+    assert shutil.disk_usage(tempfile.gettempdir()).used - disk_before < 64 * 1024 * 1024
+    # Writing the gigabyte somewhere else fails at once.
+    target = tmp_path / "escape.bin"
+    os.chmod(tmp_path, 0o777)
+    result = run_sandboxed(f"open({str(target)!r}, 'wb').write(b'x' * (1 << 30))", memory_mb=2048, timeout_s=5.0)
+    assert result.status in (SandboxStatus.FAILED, SandboxStatus.CRASHED)
+    assert not target.exists()
+
+
+def test_cannot_write_or_delete_outside_its_directory(caps, tmp_path):
+    private = tmp_path / "private"  # root-only, like pytest's own tmp_path
+    private.mkdir(mode=0o700)
+    shared = tmp_path / "shared"  # world-writable: only the read-only mount protects it
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    os.chmod(tmp_path, 0o755)
+    canaries = {private / "canary.txt": "private canary", shared / "canary.txt": "shared canary"}
+    for path, text in canaries.items():
+        path.write_text(text)
+    os.chmod(shared / "canary.txt", 0o666)
+    escape = os.path.join(tempfile.gettempdir(), f"nj-escape-{uuid.uuid4().hex}")
+    targets = [str(p) for p in canaries]
+    program = (
+        "import os, shutil\n"
+        f"targets = {targets!r}\n"
+        "attempts = []\n"
+        "for t in targets:\n"
+        "    d = os.path.dirname(t)\n"
+        "    attempts += [\n"
+        "        lambda t=t: os.remove(t),\n"
+        "        lambda t=t: open(t, 'a').write('owned'),\n"
+        "        lambda t=t: open(t, 'w').write('owned'),\n"
+        "        lambda t=t: os.rename(t, t + '.moved'),\n"
+        "        lambda d=d: open(os.path.join(d, 'new.txt'), 'w').write('new'),\n"
+        "        lambda d=d: shutil.rmtree(d),\n"
+        "        lambda t=t: os.chmod(t, 0o777),\n"
+        "    ]\n"
+        f"attempts.append(lambda: open({escape!r}, 'w').write('escaped'))\n"
+        "attempts.append(lambda: os.mkdir('/nj-escape-dir'))\n"
+        "succeeded = 0\n"
+        "for attempt in attempts:\n"
+        "    try:\n        attempt()\n        succeeded += 1\n"
+        "    except OSError:\n        pass\n"
+        "print('succeeded', succeeded, 'of', len(attempts))\n"
+    )
+    result = run_sandboxed(program, **LIMITS)
+    assert result.passed, result
+    try:
+        assert sorted(os.listdir(private)) == ["canary.txt"] and sorted(os.listdir(shared)) == ["canary.txt"]
+        assert not os.path.exists(escape) and not os.path.exists("/nj-escape-dir")
+        assert (private / "canary.txt").read_text() == "private canary"
+        if caps.filesystem_read_only:
+            assert (shared / "canary.txt").read_text() == "shared canary"
+            assert result.stdout.split()[:2] == ["succeeded", "0"]
+    finally:
+        if os.path.exists(escape):
+            os.remove(escape)
+
+
+def test_caller_environment_is_not_visible(caps, monkeypatch):
+    secret = f"nj-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("NJ_SANDBOX_SECRET", secret)
+    program = (
+        "import os\n"
+        "print(dict(os.environ))\n"
+        "for path in ['/proc/self/environ', '/proc/1/environ', f'/proc/{os.getppid()}/environ',\n"
+        f"             '/proc/{os.getpid()}/environ']:\n"
+        "    try:\n        print(open(path, 'rb').read())\n"
+        "    except OSError as e:\n        print(path, e)\n"
+    )
+    result = run_sandboxed(program, **LIMITS)
+    assert result.passed, result
+    assert secret not in result.stdout and secret not in result.stderr
+    assert "NJ_SANDBOX_SECRET" not in result.stdout
+    env = eval(result.stdout.splitlines()[0])
+    assert set(env) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "LC_CTYPE"}
+
+
+def test_network_connection_to_local_listener_fails(caps):
+    if not caps.network_isolated:
+        pytest.skip(f"this OS gives the sandbox no network namespace: {caps.degradations}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.3)
+        port = listener.getsockname()[1]
+        program = (
+            "import socket\n"
+            "for host in ['127.0.0.1', 'localhost', '::1']:\n"
+            "    try:\n"
+            f"        socket.create_connection((host, {port}), timeout=2).sendall(b'leak')\n"
+            "        print('connected', host)\n"
+            "    except OSError as e:\n"
+            "        print('blocked', host, type(e).__name__)\n"
+        )
+        result = run_sandboxed(program, **LIMITS)
+        assert result.passed, result
+        assert "connected" not in result.stdout and result.stdout.count("blocked") == 3
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no-namespaces"])
+def test_cannot_kill_parent_or_caller(caps, namespaces):
+    if not namespaces and not caps.unprivileged_uid:
+        pytest.skip("without namespaces only an unprivileged uid protects the caller, and that needs root")
+    me, my_group = os.getpid(), os.getpgrp()
+    program = (
+        "import os, signal\n"
+        f"for name, call in [('parent', lambda: os.kill(os.getppid(), signal.SIGKILL)),\n"
+        f"                   ('caller', lambda: os.kill({me}, signal.SIGKILL)),\n"
+        f"                   ('caller group', lambda: os.killpg({my_group}, signal.SIGKILL)),\n"
+        f"                   ('init', lambda: os.kill(1, signal.SIGKILL))]:\n"
+        "    try:\n        call()\n        print(name, 'signalled')\n"
+        "    except OSError as e:\n        print(name, type(e).__name__)\n"
+        "print('still here', flush=True)\n"
+        "try:\n    os.kill(-1, signal.SIGKILL)  # everything this uid may signal\n"
+        "except OSError as e:\n    print('kill -1', type(e).__name__)\n"
+    )
+    result = run_sandboxed(program, namespaces=namespaces, **LIMITS)
+    assert result.status in (SandboxStatus.PASSED, SandboxStatus.CRASHED), result
+    assert "still here" in result.stdout
+    assert "caller signalled" not in result.stdout and "caller group signalled" not in result.stdout
+    # The test process (this one) is alive; so is the fork server, which still runs programs.
+    assert run_sandboxed("print('ok')", namespaces=namespaces, **LIMITS).stdout == "ok\n"
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no-namespaces"])
+def test_background_process_does_not_outlive_the_run(caps, namespaces):
+    if not namespaces and not caps.unprivileged_uid:
+        pytest.skip("without namespaces the clean-up sweep needs a dedicated uid, which needs root")
+    marker = f"nj-background-{uuid.uuid4().hex}"
+    program = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        for fd in (0, 1, 2):\n            os.close(fd)\n"
+        f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(120)', {marker!r}])\n"
+        "    os._exit(0)\n"
+        "time.sleep(1.0)\n"
+        "print('parent exits')\n"
+    )
+    seen_during_run = []
+
+    def watch():
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not seen_during_run:
+            seen_during_run.extend(_processes_with_marker(marker))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    result = run_sandboxed(program, namespaces=namespaces, **LIMITS)
+    watcher.join()
+    assert result.passed and result.stdout == "parent exits\n", result
+    assert seen_during_run, "the background process never started, so this test proves nothing"
+    assert _processes_with_marker(marker) == []
+
+
+def test_printing_100_megabytes(caps):
+    program = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(100):\n    sys.stdout.write(chunk)\n"
+    cap = 4 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        result = run_sandboxed(program, max_output_bytes=cap, **LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.status is SandboxStatus.OUTPUT_TOO_LARGE and result.stdout_truncated
+    assert len(result.stdout) == cap
+    assert peak < 3 * cap  # the caller never buffered the whole output
+    flood = run_sandboxed("import sys\nwhile True:\n    sys.stderr.write('e' * 65536)", max_output_bytes=cap, **LIMITS)
+    assert flood.status is SandboxStatus.OUTPUT_TOO_LARGE and flood.stderr_truncated and len(flood.stderr) == cap
+
+
+def test_signals_and_broken_programs_are_reported(caps):
+    segv = run_sandboxed("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", **LIMITS)
+    assert segv.status is SandboxStatus.CRASHED and segv.signal == signal.SIGSEGV and "SIGSEGV" in segv.message
+    closed = run_sandboxed("import os\nos.close(1)\nos.close(2)\nprint('lost')", **LIMITS)
+    assert closed.status is SandboxStatus.FAILED
+    binary = run_sandboxed("import sys\nsys.stdout.buffer.write(bytes(range(256)))", **LIMITS)
+    assert binary.passed and "\ufffd" in binary.stdout
+
+
+def test_failure_to_start_is_a_result_not_an_exception(caps):
+    result = run_sandboxed("print(1)", python="/nonexistent/python3", **LIMITS)
+    assert result.status is SandboxStatus.CRASHED and "sandbox" in result.message
+    with pytest.raises(ValueError, match="timeout_s"):
+        run_sandboxed("print(1)", timeout_s=0, memory_mb=256)
+    with pytest.raises(ValueError, match="memory_mb"):
+        run_sandboxed("print(1)", timeout_s=1, memory_mb=-5)
+    with pytest.raises(TypeError, match="program"):
+        run_sandboxed(b"print(1)", timeout_s=1, memory_mb=256)
+
+
+def test_concurrent_runs_are_independent(caps):
+    programs = [f"import os\nprint({i} * {i}, os.getuid())" for i in range(12)]
+    results = [None] * len(programs)
+
+    def run(index):
+        results[index] = run_sandboxed(programs[index], **LIMITS)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(programs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [int(r.stdout.split()[0]) for r in results] == [i * i for i in range(12)]
+    if caps.unprivileged_uid and sandbox._uid_block_available():
+        assert all(int(r.stdout.split()[1]) >= sandbox._UID_BLOCK_START for r in results)
+
+
+def test_capabilities_are_reported(caps):
+    # On this project's machines (root in a container) everything is available; elsewhere the
+    # degradations must say what is missing rather than pass silently.
+    expected = {"net_namespace", "pid_namespace", "read_only_root", "unprivileged_uid"}
+    assert caps.fully_isolated == expected.issubset(caps.isolation)
+    for name, flag in [("net_namespace", caps.network_isolated), ("pid_namespace", caps.pid_namespace),
+                       ("read_only_root", caps.filesystem_read_only), ("unprivileged_uid", caps.unprivileged_uid)]:
+        assert flag == (name in caps.isolation)
+    if os.geteuid() == 0:
+        assert caps.unprivileged_uid
+    degraded = run_sandboxed("print(1)", namespaces=False, **LIMITS)
+    assert "net_namespace" not in degraded.isolation and degraded.passed
