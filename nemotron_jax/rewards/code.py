@@ -199,21 +199,59 @@ def values_equal(actual: Any, expected: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # running
 
-# The program is exec'd as module `solution`; its prints go to stderr so that stdout carries only the JSON
-# result. The harness source is fixed; the program and the call travel as JSON string literals.
-_HARNESS = '''\
-import json as _json, sys as _sys
+# The program is exec'd as module `solution`; its prints go to stderr so that stdout carries only the
+# result, as JSON. The harness imports nothing (not even `json`, whose import costs as much as a whole run):
+# the call arrives as Python literals and the result is encoded by `_encode` below.
+_HARNESS = """\
+import sys as _sys
 
-def _to_json(value):
-    if isinstance(value, (set, frozenset)):
-        try:
-            return sorted(value)
-        except TypeError:
-            return list(value)
-    raise TypeError(f"return value of type {type(value).__name__} is not JSON-serialisable")
+def _encode(value, out):
+    if value is None or value is True or value is False:
+        out.append("null" if value is None else "true" if value else "false")
+    elif isinstance(value, int):
+        out.append(int.__repr__(value))
+    elif isinstance(value, float):
+        out.append("NaN" if value != value else "Infinity" if value == float("inf")
+                   else "-Infinity" if value == float("-inf") else float.__repr__(value))
+    elif isinstance(value, str):
+        out.append('"')
+        for char in value:
+            out.append('\\\\' + char if char in '"\\\\' else char if char >= " " else "\\\\u%04x" % ord(char))
+        out.append('"')
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        if isinstance(value, (set, frozenset)):
+            try:
+                value = sorted(value)
+            except TypeError:
+                value = list(value)
+        out.append("[")
+        for index, item in enumerate(value):
+            if index:
+                out.append(", ")
+            _encode(item, out)
+        out.append("]")
+    elif isinstance(value, dict):
+        out.append("{")
+        for index, (key, item) in enumerate(value.items()):
+            if index:
+                out.append(", ")
+            if not isinstance(key, str):
+                if key is not None and not isinstance(key, (int, float)):
+                    raise TypeError("dict key of type %s cannot be a JSON key" % type(key).__name__)
+                key = "".join(_encode_to_list(key)).strip('"')
+            _encode(key, out)
+            out.append(": ")
+            _encode(item, out)
+        out.append("}")
+    else:
+        raise TypeError("return value of type %s is not JSON-like" % type(value).__name__)
 
-def _main():
-    source, fn_name, args, kwargs = _json.loads(%s)
+def _encode_to_list(value):
+    out = []
+    _encode(value, out)
+    return out
+
+def _main(source, fn_name, args, kwargs):
     result_stream, _sys.stdout = _sys.stdout, _sys.stderr
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     exec(compile(source, "solution.py", "exec"), namespace)
@@ -221,20 +259,30 @@ def _main():
     if not callable(target):
         solution_class = namespace.get("Solution")
         if solution_class is None or not callable(getattr(solution_class, fn_name, None)):
-            raise SystemExit(f"harness: the program defines no function {fn_name!r} (nor Solution.{fn_name})")
+            raise SystemExit("harness: the program defines no function %r (nor Solution.%s)" % (fn_name, fn_name))
         target = getattr(solution_class(), fn_name)
-    result = target(*args, **kwargs)
+    encoded = "".join(_encode_to_list(target(*args, **kwargs)))
     _sys.stdout.flush()
-    result_stream.write(_json.dumps(result, default=_to_json))
+    result_stream.write(encoded)
     result_stream.flush()
 
-_main()
-'''
+"""
+
+
+def _python_literal(value: Any) -> str:
+    """Python source for a JSON value (what `json.loads` returns), including non-finite floats."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({str(value)!r})"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_python_literal(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_python_literal(k)}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)  # None, bool, int, finite float, str
 
 
 def _harness_program(program: str, test: FunctionCallTest) -> str:
-    payload = json.dumps([program, test.fn_name, list(test.args), dict(test.kwargs)])
-    return _HARNESS % repr(payload)
+    call = ", ".join(_python_literal(part) for part in (program, test.fn_name, list(test.args), dict(test.kwargs)))
+    return _HARNESS + f"_main({call})\n"
 
 
 def _shown(text: str) -> str:
@@ -339,13 +387,14 @@ def code_reward_batch(
     """`code_reward` for each (program, tests) pair, run concurrently; returns rewards in input order.
 
     The work happens in the sandboxed child processes, so threads (one waiting on each child) keep every
-    core busy; `max_workers` defaults to the number of CPUs. All tests are validated before anything runs.
+    core busy; `max_workers` defaults to twice the number of CPUs (a run also spends time waiting on the
+    kernel: namespace set-up and tear-down). All tests are validated before anything runs.
     """
     if len(programs) != len(tests_list):
         raise ValueError(f"programs has {len(programs)} entries but tests_list has {len(tests_list)}")
     for index, tests in enumerate(tests_list):
         parse_tests(tests, where=f"tests_list[{index}]")
-    workers = max_workers if max_workers is not None else (os.cpu_count() or 1)
+    workers = max_workers if max_workers is not None else 2 * (os.cpu_count() or 1)
     if workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
     if not programs:

@@ -336,7 +336,7 @@ def _capabilities() -> SandboxCapabilities:
         "pid_namespace": "no PID namespace: the program can see other processes",
         "read_only_root": "no mount namespace: the program can write wherever its uid may (e.g. /tmp)",
         "private_tmpfs_workdir": "working directory is on the host disk (only RLIMIT_FSIZE per file)",
-        "unprivileged_uid": "program runs with the caller's uid",
+        "unprivileged_uid": "program runs with the caller's uid (it can read every file the caller can)",
     }
     degradations = [text for name, text in missing.items() if name not in isolation]
     if "unprivileged_uid" in isolation and not _uid_block_available():
