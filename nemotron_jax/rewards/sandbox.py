@@ -82,6 +82,7 @@ DEFAULT_MAX_OPEN_FILES = 256
 _TMPFS_INODES = 4096
 _STATUS_BYTES_CAP = 64 * 1024
 _READ_CHUNK = 1 << 16
+_SERVER_REPLY_TIMEOUT_S = 30.0
 # After the program is done (or killed), how long to keep reading output that is still in the pipes.
 _DRAIN_GRACE_S = 2.0
 
@@ -175,11 +176,17 @@ class _UidLease:
     def __init__(self, uid: int, lock_fd: int | None):
         self.uid = uid
         self.lock_fd = lock_fd
+        if lock_fd is not None:
+            _active_leases.add(self)
 
     def release(self) -> None:
         if self.lock_fd is not None:
-            os.close(self.lock_fd)  # closing drops the flock
+            os.close(self.lock_fd)  # closing the last descriptor drops the flock
             self.lock_fd = None
+        _active_leases.discard(self)
+
+
+_active_leases: set[_UidLease] = set()
 
 
 def _mapped_uid_ranges() -> list[tuple[int, int]]:
@@ -468,6 +475,7 @@ class _ForkServer:
 
     def __init__(self, python: str):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.settimeout(_SERVER_REPLY_TIMEOUT_S)
         try:
             self.process = subprocess.Popen(
                 [python, "-I", "-S", "-B", "-X", "utf8", _CHILD_SCRIPT, "--serve", str(theirs.fileno())],
@@ -490,8 +498,13 @@ class _ForkServer:
         """Starts one run's launcher; returns its pid (also its process-group id)."""
         request = ("run\0" + "\0".join(config)).encode("utf-8")
         with self.lock:
-            socket.send_fds(self.socket, [request], fds)
-            reply = self.socket.recv(4096).decode("utf-8", errors="replace")
+            try:
+                socket.send_fds(self.socket, [request], fds)
+                reply = self.socket.recv(4096).decode("utf-8", errors="replace")
+            except TimeoutError:
+                # A late reply would be read by the next request: this server can no longer be used.
+                self.process.kill()
+                raise
         if not reply:
             raise ConnectionError("the sandbox fork server exited")
         if not reply.isdigit():
@@ -512,6 +525,33 @@ class _ForkServer:
 
 _servers: dict[str, _ForkServer] = {}
 _servers_lock = threading.Lock()
+
+
+def _forget_parent_state_in_child() -> None:
+    """After os.fork() (e.g. a multiprocessing pool), the child starts its own fork server and leases.
+
+    The inherited locks may have been held by threads that do not exist in the child, and the inherited
+    sockets and lease descriptors belong to the parent (closing the child's copies changes nothing there).
+    """
+    global _servers_lock
+    _servers_lock = threading.Lock()
+    for server in _servers.values():
+        try:
+            server.socket.close()
+        except OSError:
+            pass
+    _servers.clear()
+    for lease in list(_active_leases):
+        if lease.lock_fd is not None:
+            try:
+                os.close(lease.lock_fd)
+            except OSError:
+                pass
+            lease.lock_fd = None
+    _active_leases.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent_state_in_child)
 
 
 def _fork_server(python: str, *, fresh: bool = False) -> _ForkServer:
@@ -537,7 +577,7 @@ def _launch(python: str, config: list[str], fds: list[int]) -> tuple[_ForkServer
     server = _fork_server(python)
     try:
         return server, server.launch(config, fds)
-    except (ConnectionError, BrokenPipeError):  # the server died (e.g. killed): one retry with a new one
+    except (ConnectionError, TimeoutError):  # the server died or hangs: one retry with a new one
         server = _fork_server(python, fresh=True)
         return server, server.launch(config, fds)
 
