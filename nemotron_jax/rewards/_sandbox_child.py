@@ -172,16 +172,17 @@ _MOUNT_OPTION_FLAGS = {
 }
 
 
-def _make_tree_read_only(status: Status) -> None:
+def _make_tree_read_only(status: Status) -> bool:
     attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)
     result = _libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr))
     if result == 0:
-        return
+        return True
     status.send(f"warn mount_setattr unavailable ({os.strerror(ctypes.get_errno())}); remounting each mount")
     # Older kernels: bind-remount every mount point read-only, keeping its other per-mount flags (which a
     # user namespace may not clear).
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split() for line in f]
+    failed = []
     for fields in mounts:
         mount_point = fields[4].encode().decode("unicode_escape")
         flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
@@ -190,28 +191,48 @@ def _make_tree_read_only(status: Status) -> None:
         try:
             _mount(None, mount_point, None, flags)
         except OSError as error:
-            raise SetupError(f"cannot make {mount_point} read-only: {error}") from None
+            failed.append(f"{mount_point} ({error.strerror})")
+    if failed:
+        status.send("warn could not make read-only: " + ", ".join(failed))
+    return not failed
 
 
-def _prepare_filesystem(config, status: Status) -> None:
+def _prepare_filesystem(config, status: Status) -> set:
+    """Read-only mount tree and a private tmpfs working directory; returns the mechanisms achieved.
+
+    A step that fails is reported and leaves the program with less protection (the caller sees it in
+    the `iso` line); it does not stop the run.
+    """
     workdir = config["workdir"]
     program_path = os.path.join(workdir, config["program_file"])
     with open(program_path, "rb") as f:
         program = f.read()
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates to the caller's mounts
-    _make_tree_read_only(status)
+    achieved = set()
+    try:
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates to the caller's mounts
+    except OSError as error:
+        status.send(f"warn mounts not private, file system left as it is: {error}")
+        return achieved
+    if _make_tree_read_only(status):
+        achieved.add("read_only_root")
     owner = ""
     if int(config["uid"]) >= 0:
         owner = f",uid={config['uid']},gid={config['gid']}"
-    _mount(
-        "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-        f"size={config['tmpfs_bytes']},nr_inodes={config['tmpfs_inodes']},mode=0700{owner}",
-    )
+    try:
+        _mount(
+            "tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+            f"size={config['tmpfs_bytes']},nr_inodes={config['tmpfs_inodes']},mode=0700{owner}",
+        )
+    except OSError as error:
+        status.send(f"warn no private tmpfs working directory: {error}")
+        return achieved
     fd = os.open(program_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     try:
         os.write(fd, program)
     finally:
         os.close(fd)
+    achieved.add("private_tmpfs_workdir")
+    return achieved
 
 
 def _set_limits(config) -> None:
@@ -307,8 +328,8 @@ def _exit_code(exit_request: SystemExit) -> int:
     code = exit_request.code
     if code is None:
         return 0
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code & 0xFF
+    if isinstance(code, int):  # bool included, as in CPython
+        return int(code) & 0xFF
     try:
         sys.stderr.write(f"{code}\n")
     except BaseException:  # noqa: BLE001
@@ -358,8 +379,7 @@ def _launch(config, env, status: Status) -> int:
         if config["namespaces"] == "1":
             mechanisms = _unshare(status)
             if "mount_namespace" in mechanisms:
-                _prepare_filesystem(config, status)
-                mechanisms |= {"read_only_root", "private_tmpfs_workdir"}
+                mechanisms |= _prepare_filesystem(config, status)
         if int(config["uid"]) >= 0:
             mechanisms.add("unprivileged_uid")
         mechanisms.add("no_new_privs")

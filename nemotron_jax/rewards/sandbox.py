@@ -58,7 +58,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fcntl
-import functools
 import math
 import os
 import re
@@ -313,17 +312,30 @@ def _interpreter_candidates() -> list[str]:
 _PROBE_PROGRAM = "import sys, json, math, collections, itertools, heapq, bisect\nprint(sys.version_info[0])\n"
 
 
-@functools.lru_cache(maxsize=1)
+_python_probe_lock = threading.Lock()
+_python_probe: tuple[str | None, tuple[str, ...], float] | None = None  # (python, problems, probed at)
+_PROBE_RETRY_S = 30.0  # a failed probe (e.g. on an overloaded machine) is repeated after this long
+
+
 def _default_python() -> tuple[str | None, tuple[str, ...]]:
-    """The first interpreter the sandbox uid can run, and what went wrong with the others."""
-    problems = []
-    for candidate in _interpreter_candidates():
-        result = _run(_PROBE_PROGRAM, b"", 10.0, 512, None, 4096, 1 << 20, 16, 64, candidate, True)
-        if result.passed and result.stdout.strip() == "3":
-            return candidate, tuple(problems)
-        problems.append(f"{candidate}: {result.status.value}: {result.message or result.stderr[-300:]}")
-        _discard_fork_server(candidate)
-    return None, tuple(problems)
+    """The first interpreter the sandbox uid can run (probed once), and what went wrong with the others."""
+    global _python_probe
+    with _python_probe_lock:
+        if _python_probe is not None and (
+            _python_probe[0] is not None or time.monotonic() - _python_probe[2] < _PROBE_RETRY_S
+        ):
+            return _python_probe[0], _python_probe[1]
+        problems = []
+        found = None
+        for candidate in _interpreter_candidates():
+            result = _run(_PROBE_PROGRAM, b"", 10.0, 512, None, 4096, 1 << 20, 16, 64, candidate, True)
+            if result.passed and result.stdout.strip() == "3":
+                found = candidate
+                break
+            problems.append(f"{candidate}: {result.status.value}: {result.message or result.stderr[-300:]}")
+            _discard_fork_server(candidate)
+        _python_probe = (found, tuple(problems), time.monotonic())
+        return found, tuple(problems)
 
 
 def sandbox_capabilities() -> SandboxCapabilities:
@@ -331,8 +343,19 @@ def sandbox_capabilities() -> SandboxCapabilities:
     return _capabilities()
 
 
-@functools.lru_cache(maxsize=1)
+_capabilities_lock = threading.Lock()
+_capabilities_cache: SandboxCapabilities | None = None
+
+
 def _capabilities() -> SandboxCapabilities:
+    global _capabilities_cache
+    with _capabilities_lock:
+        if _capabilities_cache is None or _capabilities_cache.python is None:
+            _capabilities_cache = _probe_capabilities()
+        return _capabilities_cache
+
+
+def _probe_capabilities() -> SandboxCapabilities:
     python, problems = _default_python()
     if python is None:
         return SandboxCapabilities(frozenset(), None, ("no Python interpreter runs inside the sandbox",), problems)
@@ -341,7 +364,7 @@ def _capabilities() -> SandboxCapabilities:
     missing = {
         "net_namespace": "no network namespace: the program can open network connections",
         "pid_namespace": "no PID namespace: the program can see other processes",
-        "read_only_root": "no mount namespace: the program can write wherever its uid may (e.g. /tmp)",
+        "read_only_root": "file tree not read-only: the program can write wherever its uid may (e.g. /tmp)",
         "private_tmpfs_workdir": "working directory is on the host disk (only RLIMIT_FSIZE per file)",
         "unprivileged_uid": "program runs with the caller's uid (it can read every file the caller can)",
     }
@@ -622,15 +645,21 @@ def _run(program, stdin_bytes, timeout_s, memory_mb, cpu_time_s, max_output_byte
         for fd in (stdin_fd, status_w, out_w, err_w):  # the launcher has its own copies now
             os.close(fd)
             fds.remove(fd)
-        stdout, stderr, status_bytes, verdict = _collect(launcher_pid, out_r, err_r, status_r, start, timeout_s,
-                                                         max_output_bytes)
-        wall_time_s = time.monotonic() - start
+
+        def stop(status_bytes: bytes) -> None:
+            _kill_group(launcher_pid)
+            # Without a PID namespace, a process that left the process group (setsid) is still running
+            # under the run's uid; with a dedicated uid (never the shared fallback), kill every one of them.
+            dedicated_uid = lease is not None and lease.lock_fd is not None
+            if dedicated_uid and "pid_namespace" not in _parse_status(status_bytes)["isolation"]:
+                survivors = _kill_all_of_uid(lease.uid)
+                if survivors:
+                    notes.append(f"killed {survivors} leftover process(es) of the sandbox uid")
+
+        stdout, stderr, status_bytes, verdict, ended = _collect(out_r, err_r, status_r, start, timeout_s,
+                                                                max_output_bytes, stop)
         report = _parse_status(status_bytes)
-        if lease is not None and "pid_namespace" not in report["isolation"]:
-            survivors = _kill_all_of_uid(lease.uid)
-            if survivors:
-                notes.append(f"killed {survivors} leftover process(es) of the sandbox uid")
-        return _result(report, verdict, stdout, stderr, wall_time_s, cpu_limit, notes)
+        return _result(report, verdict, stdout, stderr, ended - start, cpu_limit, notes)
     finally:
         if launcher_pid is not None:
             _kill_group(launcher_pid)  # normally already done by _collect; the pid is still unreaped
@@ -658,10 +687,11 @@ def _kill_group(launcher_pid: int) -> None:
         pass
 
 
-def _collect(launcher_pid, out_r, err_r, status_r, start, timeout_s, max_output_bytes):
+def _collect(out_r, err_r, status_r, start, timeout_s, max_output_bytes, stop):
     """Reads stdout, stderr and the status pipe until the supervisor is done, the deadline passes, or the
-    output goes past its cap; kills the process group in the last two cases. Returns
-    (stdout Capture, stderr Capture, status bytes, verdict) with verdict in {None, "timeout", "output"}."""
+    output goes past its cap; then calls `stop(status_bytes)` (which kills whatever is left) and drains
+    the pipes. Returns (stdout Capture, stderr Capture, status bytes, verdict, end time) with verdict in
+    {None, "timeout", "output"}."""
     captures = {out_r: _Capture(max_output_bytes), err_r: _Capture(max_output_bytes)}
     status = bytearray()
     poller = select.poll()
@@ -695,14 +725,15 @@ def _collect(launcher_pid, out_r, err_r, status_r, start, timeout_s, max_output_
             verdict = "timeout"
             break
         read_ready(max(1, int(math.ceil(remaining * 1000))))
+    ended = time.monotonic()
     # The supervisor is gone (so, with a PID namespace, is everything the program started), or we stop it.
-    _kill_group(launcher_pid)
+    stop(bytes(status))
     drain_deadline = time.monotonic() + _DRAIN_GRACE_S
     while open_fds - {status_r} and time.monotonic() < drain_deadline:
         read_ready(50)
         if verdict is None and any(c.overflowed for c in captures.values()):
             verdict = "output"
-    return captures[out_r], captures[err_r], bytes(status), verdict
+    return captures[out_r], captures[err_r], bytes(status), verdict, ended
 
 
 def _parse_status(data: bytes) -> dict:
