@@ -19,7 +19,8 @@ Process tree of one run and what each process does:
         program's exit status and resource usage, and exits. When pid 1 of a PID namespace exits, the
         kernel kills every other process in it: nothing the program started survives it.
     program process
-      - chdir to the working directory, resource limits, no_new_privs, drops to the sandbox uid/gid,
+      - chdir to the working directory, resource limits, OOM-killer preference (oom_score_adj 1000),
+        no_new_privs, drops to the sandbox uid/gid,
         restores default signal dispositions, closes every descriptor but 0, 1, 2, then runs the program
         as `__main__` (see `_run_as_main`).
 
@@ -256,6 +257,9 @@ def _exec_program(config, env, status: Status, pid_namespace: bool) -> None:
         os.chdir(config["workdir"])
         program_path = os.path.join(config["workdir"], config["program_file"])
         _set_limits(config)
+        # If memory runs out anyway (limits are per process), the kernel kills the sandbox, not its caller.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
         uid, gid = int(config["uid"]), int(config["gid"])
         if uid >= 0:

@@ -5,46 +5,60 @@ tree and always returns a `SandboxResult` (passed / failed / timed_out / crashed
 never raises because of what the program did, and never hangs past `timeout_s` plus a few hundred ms of
 clean-up. `sandbox_capabilities()` reports which isolation mechanisms this machine actually provides.
 
-What is isolated, and how (all mechanisms are set up per run by `_sandbox_child.py`):
+How a run works: each caller process keeps one small fork server per interpreter (`_sandbox_child.py`,
+started as `python -I -S -B -X utf8` with an empty environment). A run is a request to it: it forks a
+launcher, which sets up namespaces, mounts and limits, and the program finally runs as `__main__` in a
+forked copy of that fresh, isolated interpreter (no second interpreter start: a trivial run costs about
+15 ms of CPU, most of the rest of its ~40 ms is the kernel setting up and tearing down namespaces).
+The caller passes stdin as a sealed read-only memfd, reads stdout/stderr from pipes incrementally and
+enforces the wall-clock limit itself.
+
+What is isolated, and how:
 
 | threat | mechanism | needs |
 |---|---|---|
-| runaway CPU (infinite loop) | wall-clock limit enforced by the caller (SIGKILL to the whole process group / PID namespace); `RLIMIT_CPU` per process | - |
-| memory bomb | `RLIMIT_AS` = `memory_mb` per process (Python raises `MemoryError`, reported as `crashed`) | - |
+| runaway CPU (infinite loop) | wall-clock limit enforced by the caller (SIGKILL to the run's process group, which takes the PID namespace with it); `RLIMIT_CPU` per process | - |
+| memory bomb | `RLIMIT_AS` = `memory_mb` per process (Python raises `MemoryError`, reported as `crashed`); `oom_score_adj` 1000, so that if memory still runs out the kernel's OOM killer picks the sandbox, not the caller | - |
 | fork bomb | `RLIMIT_NPROC` = `max_processes` tasks (processes + threads) for a uid that only this run uses; PID namespace | root (`RLIMIT_NPROC` does not apply to root) |
-| disk filling / big writes | `RLIMIT_FSIZE` per file, and the working directory is a tmpfs of `max_file_bytes` total | mount namespace for the tmpfs |
+| disk filling / big writes | `RLIMIT_FSIZE` per file, and the working directory is a tmpfs of `max_file_bytes` in total | mount namespace for the tmpfs |
 | writing/deleting files outside the working directory | whole mount tree re-mounted read-only (and nosuid) in a private mount namespace; the program also runs as an unprivileged uid | mount namespace; root for the uid |
-| reading the caller's environment | the program gets a fresh environment (`PATH`, `LANG`, `LC_ALL`, `HOME`, `TMPDIR` only) and Python runs with `-I -S` | - |
-| network access | a new, empty network namespace (only a down loopback: connecting to 127.0.0.1 fails, abstract unix sockets are separate) | network namespace |
+| reading the caller's environment | the program gets a fresh environment (`PATH`, `LANG`, `LC_ALL`, `HOME`, `TMPDIR` only) in an interpreter started with `-I -S`; other processes' `/proc/PID/environ` are out of reach (PID namespace, other uid) | - |
+| network access | a new, empty network namespace (only a down loopback: connecting to 127.0.0.1 fails; abstract unix sockets are separate too) | network namespace |
 | killing the caller / other processes | PID namespace (the caller's pids do not exist for the program; `/proc` shows only the sandbox) and an unprivileged uid (cannot signal root's processes) | PID namespace; root for the uid |
-| processes that outlive the program | the program's supervisor is pid 1 of the PID namespace: when the program exits, the kernel kills everything left in the namespace; the caller also SIGKILLs the process group and, without a PID namespace, every process of the run's uid | PID namespace, or root for the uid sweep |
+| processes that outlive the program | the program's supervisor is pid 1 of the PID namespace: when the program exits, the kernel kills everything left in the namespace; without a PID namespace the caller SIGKILLs the process group and every process of the run's dedicated uid | PID namespace, or root for the uid sweep |
 | unbounded output | stdout and stderr are read incrementally, `max_output_bytes` each; beyond that the run is killed (`output_too_large`) | - |
 | privilege escalation through setuid binaries | `PR_SET_NO_NEW_PRIVS`, nosuid mounts, all capabilities dropped with the uid change | - |
-| the caller dying mid-run | `PR_SET_PDEATHSIG(SIGKILL)` on the launcher and the supervisor | - |
+| the caller dying mid-run | the fork server exits when its socket to the caller closes; launcher and supervisor have `PR_SET_PDEATHSIG(SIGKILL)` | - |
 
 What is NOT isolated:
 
 - Reading files: the program sees the host's file tree (read-only). World-readable files (the Python
   standard library, `/etc`, world-readable data or source checkouts) can be read; files readable only by
   root (for example a `0700` pytest `tmp_path`) cannot, because the program runs as an unprivileged uid.
+  Test expectations never enter the sandbox (`code.py` compares outputs in the caller).
 - CPU and memory bandwidth are shared: a busy program slows its neighbours (no cgroups are used). Memory is
   limited per process (`RLIMIT_AS`), so the worst case for one run is about `max_processes * memory_mb`.
 - No seccomp filter: every system call is allowed; the namespaces, the uid and the read-only mounts are the
   boundary. Kernel vulnerabilities are out of scope.
 - Unix sockets in the (read-only) file tree that are writable by "others" can still be connected to.
 - `/dev/shm` is read-only, so `multiprocessing` locks do not work inside the sandbox.
+- All runs of one caller are forks of one interpreter, so they share its string-hash seed (set iteration
+  order is the same from run to run; it differs between caller processes).
 
 How it degrades (reported by `sandbox_capabilities()` and in each `SandboxResult.isolation`, never
 silently):
 
 - Not root, but user namespaces allowed: the launcher creates a user namespace and gets all the other
-  namespaces inside it; the program keeps the caller's uid (mapped to itself), so `RLIMIT_NPROC` counts the
-  caller's own processes too (the limit is set to the caller's current task count plus `max_processes`).
-- No namespaces at all (old kernel, locked-down container): no network isolation, no read-only file tree,
-  the working directory is a plain temporary directory; as root the uid drop still protects root-owned
-  files, keeps `RLIMIT_NPROC` effective and lets the caller sweep every process of the run's uid; as a
-  non-root user without namespaces the program runs with the caller's uid and could signal the caller's
-  processes. `sandbox_capabilities().degradations` lists what is missing.
+  namespaces inside it. The program keeps the caller's uid (mapped to itself): it can read every file the
+  caller can, and `RLIMIT_NPROC` counts the caller's own tasks too (the limit is set to the caller's current
+  task count plus `max_processes`); the PID namespace still keeps it away from the caller's processes.
+- No namespaces at all (old kernel, locked-down container, `namespaces=False`): no network isolation, no
+  read-only file tree, the working directory is a plain temporary directory. As root, the uid drop still
+  protects root-owned files, keeps `RLIMIT_NPROC` effective and lets the caller sweep every process of the
+  run's uid. As a non-root user without namespaces the program runs with the caller's uid and could signal
+  the caller's processes. `sandbox_capabilities().degradations` lists what is missing.
+- A mount step that fails (e.g. no `mount_setattr` and a mount that cannot be remounted) is reported as a
+  warning in `SandboxResult.message` and drops `read_only_root` / `private_tmpfs_workdir` from `isolation`.
 
 The program's interpreter: with an unprivileged uid the program cannot run an interpreter inside a
 directory only root can enter (for example a pyenv under `/root`). With `python=None` (the default) the
@@ -76,7 +90,7 @@ _PROGRAM_FILE = "main.py"
 
 DEFAULT_MAX_OUTPUT_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_PROCESSES = 32
+DEFAULT_MAX_PROCESSES = 16
 DEFAULT_MAX_OPEN_FILES = 256
 _TMPFS_INODES = 4096
 _STATUS_BYTES_CAP = 64 * 1024

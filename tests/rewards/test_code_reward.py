@@ -180,6 +180,9 @@ def test_expected_output_never_enters_the_sandbox():
     # cannot pass unless it produces the expected value itself.
     forger = "import os\nos.write(1, b'42')\nos._exit(0)\n"
     assert code_reward(forger, [{"fn_name": "f", "args": [], "expected": 41}], **LIMITS) == 0.0
+    nested = "import os\nos.write(1, b'[' * 200000)\nos._exit(0)\n"  # would overflow a recursive parser
+    report = run_code_tests(nested, [{"fn_name": "f", "args": [], "expected": 1}], **LIMITS)
+    assert not report.all_passed and "no readable JSON" in report.outcomes[0].reason
     reader = "import os\nprint(sorted(os.listdir('.')), open(__file__).read().count('expected'))"
     report = run_code_tests(reader, [{"input": "", "output": "secret-answer"}], **LIMITS)
     assert "secret-answer" not in report.outcomes[0].actual
