@@ -20,9 +20,9 @@ Process tree of one run and what each process does:
         kernel kills every other process in it: nothing the program started survives it.
     program process
       - chdir to the working directory, resource limits, OOM-killer preference (oom_score_adj 1000),
-        no_new_privs, drops to the sandbox uid/gid,
-        restores default signal dispositions, closes every descriptor but 0, 1, 2, then runs the program
-        as `__main__` (see `_run_as_main`).
+        no_new_privs, drops to the sandbox uid/gid and drops every capability, restores default signal
+        dispositions, closes every descriptor but 0, 1, 2, then runs the program as `__main__` (see
+        `_run_as_main`).
 
 Everything is reported to the caller on the status pipe, one line per fact:
 `iso <mechanism,...>`, `warn <text>`, `error <text>` (setup failed; the program never ran),
@@ -62,6 +62,9 @@ SYS_MOUNT_SETATTR = 442  # same number on every architecture (syscalls >= 424 ar
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _NAMESPACES = (  # (flag, mechanism name reported to the caller)
     (CLONE_NEWNET, "net_namespace"),
@@ -85,6 +88,14 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 class SetupError(Exception):
@@ -236,6 +247,23 @@ def _prepare_filesystem(config, status: Status) -> set:
     return achieved
 
 
+def _drop_capabilities() -> None:
+    """Clears every capability of this process and checks that none is left.
+
+    Needed because the program never goes through execve (which is where the kernel would drop them):
+    as root the uid change already cleared them, but inside a user namespace the launcher's process holds
+    all capabilities of that namespace, with which the program could undo the read-only mounts.
+    """
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    no_capabilities = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), no_capabilities), "capset")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    with open("/proc/self/status") as f:
+        held = {line.split(":")[0]: int(line.split()[1], 16) for line in f if line.startswith("Cap")}
+    if held.get("CapEff") or held.get("CapPrm") or held.get("CapAmb"):
+        raise SetupError(f"capabilities still held after dropping them: {held}")
+
+
 def _set_limits(config) -> None:
     def limit(kind, value):
         resource.setrlimit(kind, (value, value))
@@ -266,6 +294,7 @@ def _exec_program(config, env, status: Status, pid_namespace: bool) -> None:
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+        _drop_capabilities()
         if os.geteuid() == 0:
             raise SetupError("refusing to run the program as root")
         if not pid_namespace:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -414,3 +415,77 @@ def test_capabilities_are_reported(caps):
         assert caps.unprivileged_uid
     degraded = run_sandboxed("print(1)", namespaces=False, **LIMITS)
     assert "net_namespace" not in degraded.isolation and degraded.passed
+
+
+def test_program_holds_no_capabilities(caps):
+    program = (
+        "import ctypes, os\n"
+        "status = {l.split(':')[0]: l.split()[1] for l in open('/proc/self/status') if l.startswith('Cap')}\n"
+        "print(status['CapEff'], status['CapPrm'], status['CapAmb'])\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.mount(None, b'/', None, 32 | 4096, None))  # MS_REMOUNT | MS_BIND without MS_RDONLY\n"
+    )
+    result = run_sandboxed(program, **LIMITS)
+    assert result.passed, result
+    assert result.stdout.split() == ["0000000000000000"] * 3 + ["-1"]
+
+
+_UNPRIVILEGED_CALLER = """
+import os, sys
+from nemotron_jax.rewards.sandbox import run_sandboxed, sandbox_capabilities
+caps = sandbox_capabilities()
+print("isolation", sorted(caps.isolation))
+program = '''
+import ctypes, os
+status = {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")}
+libc = ctypes.CDLL(None, use_errno=True)
+remount = libc.mount(None, b"/", None, 32 | 4096, None)
+try:
+    open(ESCAPE, "w").write("escaped")
+    wrote = True
+except OSError:
+    wrote = False
+print(os.getuid(), status["CapEff"], remount, wrote)
+'''.replace("ESCAPE", repr(sys.argv[1]))
+result = run_sandboxed(program, timeout_s=10, memory_mb=256)
+print("result", result.status.value, result.stdout.strip(), result.message)
+"""
+
+
+def test_unprivileged_caller_gets_user_namespace_isolation(caps, tmp_path):
+    """A non-root caller (CI as a normal user) gets the namespaces through a user namespace; the program
+    there must hold no capability (it would otherwise undo the read-only mounts as the caller's uid)."""
+    if os.geteuid() != 0:
+        pytest.skip("the test process is already unprivileged: the other tests cover this mode")
+    # A world-readable copy of just the sandbox modules, run by the probed interpreter as uid 1000.
+    package = tmp_path / "copy" / "nemotron_jax"
+    (package / "rewards").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "rewards" / "__init__.py").write_text("")
+    source_dir = os.path.dirname(sandbox.__file__)
+    for name in ("sandbox.py", "_sandbox_child.py"):
+        shutil.copy(os.path.join(source_dir, name), package / "rewards" / name)
+    (tmp_path / "copy" / "caller.py").write_text(_UNPRIVILEGED_CALLER)
+    for path in [tmp_path, *tmp_path.parents]:
+        if str(path) in ("/", tempfile.gettempdir()):
+            break
+        os.chmod(path, os.stat(path).st_mode | 0o755)
+    for root, dirs, files in os.walk(tmp_path / "copy"):
+        for name in dirs + files:
+            os.chmod(os.path.join(root, name), 0o755)
+    escape_dir = tempfile.mkdtemp(prefix="nj-sandbox-userns-")
+    os.chown(escape_dir, 1000, 1000)  # writable by the caller's uid: only the read-only mount protects it
+    escape = os.path.join(escape_dir, "escape.txt")
+    try:
+        completed = subprocess.run(
+            [caps.python, "caller.py", escape], cwd=tmp_path / "copy", user=1000, group=1000, extra_groups=[],
+            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
+        )
+        assert completed.returncode == 0, completed.stderr
+        lines = dict(line.split(" ", 1) for line in completed.stdout.splitlines())
+        if "user_namespace" not in lines["isolation"]:
+            pytest.skip(f"user namespaces are not available to unprivileged users here: {lines['isolation']}")
+        assert lines["result"].startswith("passed 1000 0000000000000000 -1 False"), lines
+        assert not os.path.exists(escape)
+    finally:
+        shutil.rmtree(escape_dir, ignore_errors=True)
