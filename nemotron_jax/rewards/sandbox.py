@@ -37,7 +37,10 @@ What is NOT isolated:
   root (for example a `0700` pytest `tmp_path`) cannot, because the program runs as an unprivileged uid.
   Test expectations never enter the sandbox (`code.py` compares outputs in the caller).
 - CPU and memory bandwidth are shared: a busy program slows its neighbours (no cgroups are used). Memory is
-  limited per process (`RLIMIT_AS`), so the worst case for one run is about `max_processes * memory_mb`.
+  limited per process (`RLIMIT_AS`), so the worst case for one run is about `max_processes * memory_mb`;
+  memory that is never mapped (memfd files, pipe buffers) is bounded only by `max_file_bytes` per file
+  times `max_open_files`. If memory does run out, `oom_score_adj` 1000 makes the sandbox's processes the
+  OOM killer's first victims, and killing them frees all of it.
 - No seccomp filter: every system call is allowed; the namespaces, the uid and the read-only mounts are the
   boundary. Kernel vulnerabilities are out of scope.
 - Unix sockets in the (read-only) file tree that are writable by "others" can still be connected to.
