@@ -41,8 +41,8 @@ FLOAT_REL_TOL = 1e-6
 FLOAT_ABS_TOL = 1e-6
 _PYTHON_FENCE_TAGS = ("python", "py", "python3", "")
 _FENCED_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
-_SHOWN_CHARS = 500
-_DEFAULT_WORKERS_PER_CPU = 4  # how much of expected / actual output a report keeps
+_SHOWN_CHARS = 500  # how much of expected / actual output a report keeps
+_DEFAULT_WORKERS_PER_CPU = 4
 
 
 @dataclasses.dataclass(frozen=True)
