@@ -131,12 +131,12 @@ def test_infinite_loop_times_out(caps):
     result = run_sandboxed("while True:\n    pass", timeout_s=1.0, memory_mb=256)
     elapsed = time.monotonic() - start
     assert result.status is SandboxStatus.TIMED_OUT and "wall-clock" in result.message
-    assert 1.0 <= elapsed < 3.0
+    assert 1.0 <= elapsed < 4.0
 
     # The per-process CPU limit also catches a loop (e.g. one started in a child the wall clock misses).
-    cpu = run_sandboxed("while True:\n    pass", timeout_s=10.0, memory_mb=256, cpu_time_s=1)
+    cpu = run_sandboxed("while True:\n    pass", timeout_s=60.0, memory_mb=256, cpu_time_s=1)
     assert cpu.status is SandboxStatus.TIMED_OUT and "CPU-time" in cpu.message, cpu
-    assert cpu.wall_time_s < 5.0
+    assert cpu.cpu_time_s is not None and 0.9 <= cpu.cpu_time_s < 2.5
 
 
 def test_fork_bomb_is_contained(caps):
@@ -160,7 +160,7 @@ def test_fork_bomb_is_contained(caps):
     start = time.monotonic()
     result = run_sandboxed(bomb, timeout_s=2.0, memory_mb=256, max_processes=32)
     assert result.status in (SandboxStatus.TIMED_OUT, SandboxStatus.CRASHED), result
-    assert time.monotonic() - start < 6.0
+    assert time.monotonic() - start < 10.0
     # Afterwards the fixture checks that no process of the sandbox uid is left.
 
 
@@ -329,19 +329,22 @@ def test_background_process_does_not_outlive_the_run(caps, namespaces):
     marker = f"nj-background-{uuid.uuid4().hex}"
     program = (
         "import os, sys, time\n"
+        "started_r, started_w = os.pipe()  # closed on exec: EOF once the background process runs\n"
         "if os.fork() == 0:\n"
         "    os.setsid()\n"
         "    if os.fork() == 0:\n"
         "        for fd in (0, 1, 2):\n            os.close(fd)\n"
         f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(120)', {marker!r}])\n"
         "    os._exit(0)\n"
-        "time.sleep(1.0)\n"
+        "os.close(started_w)\n"
+        "os.read(started_r, 1)\n"
+        "time.sleep(1.0)  # time for the test to see the background process\n"
         "print('parent exits')\n"
     )
     seen_during_run = []
 
     def watch():
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and not seen_during_run:
             seen_during_run.extend(_processes_with_marker(marker))
             time.sleep(0.05)
