@@ -136,7 +136,7 @@ def test_infinite_loop_times_out(caps):
     # The per-process CPU limit also catches a loop (e.g. one started in a child the wall clock misses).
     cpu = run_sandboxed("while True:\n    pass", timeout_s=60.0, memory_mb=256, cpu_time_s=1)
     assert cpu.status is SandboxStatus.TIMED_OUT and "CPU-time" in cpu.message, cpu
-    assert cpu.cpu_time_s is not None and 0.9 <= cpu.cpu_time_s < 2.5
+    assert cpu.signal in (signal.SIGXCPU, signal.SIGKILL) and cpu.cpu_time_s is not None and cpu.cpu_time_s < 2.5
 
 
 def test_fork_bomb_is_contained(caps):
