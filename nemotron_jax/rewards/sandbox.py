@@ -130,7 +130,8 @@ class SandboxResult:
     stdout / stderr are decoded as UTF-8 (invalid bytes replaced) and hold at most `max_output_bytes`
     bytes each; the `*_truncated` flags say whether more was written. `exit_code` is None when the program
     was killed by a signal (`signal` then holds its number) or never started. `cpu_time_s` and
-    `max_rss_kib` are the program process's own usage (None when unknown). `isolation` names the
+    `max_rss_kib` are the usage of the program process (and of the children it waited for), from wait4,
+    None when unknown. `isolation` names the
     mechanisms that were active for this run (see the module docstring).
     """
 
