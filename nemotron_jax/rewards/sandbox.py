@@ -330,30 +330,49 @@ def _interpreter_candidates() -> list[str]:
 _PROBE_PROGRAM = "import sys, json, math, collections, itertools, heapq, bisect\nprint(sys.version_info[0])\n"
 
 
-_python_probe_lock = threading.Lock()
-_python_probe: tuple[str | None, tuple[str, ...], float] | None = None  # (python, problems, probed at)
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    python: str | None  # the interpreter the sandbox uid can run, None if none
+    namespaces_usable: bool  # False: namespace set-up fails here, so runs go without (a degradation)
+    problems: tuple[str, ...]
+    probed_at: float
+
+
+_probe_lock = threading.Lock()
+_probe: _Probe | None = None
 _PROBE_RETRY_S = 30.0  # a failed probe (e.g. on an overloaded machine) is repeated after this long
 
 
-def _default_python() -> tuple[str | None, tuple[str, ...]]:
-    """The first interpreter the sandbox uid can run (probed once), and what went wrong with the others."""
-    global _python_probe
-    with _python_probe_lock:
-        if _python_probe is not None and (
-            _python_probe[0] is not None or time.monotonic() - _python_probe[2] < _PROBE_RETRY_S
-        ):
-            return _python_probe[0], _python_probe[1]
+def _probe_sandbox() -> _Probe:
+    """Finds (once) an interpreter the sandbox uid can run, and whether the namespaces can be set up.
+
+    If a run with namespaces fails in set-up (say, a kernel that allows `unshare` but not what follows),
+    the probe tries without them; when that works, every later run goes without namespaces, and
+    `sandbox_capabilities()` lists what that loses.
+    """
+    global _probe
+    with _probe_lock:
+        if _probe is not None and (_probe.python is not None or time.monotonic() - _probe.probed_at < _PROBE_RETRY_S):
+            return _probe
         problems = []
-        found = None
+        found, namespaces_usable = None, True
         for candidate in _interpreter_candidates():
-            result = _run(_PROBE_PROGRAM, b"", 10.0, 512, None, 4096, 1 << 20, 16, 64, candidate, True)
-            if result.passed and result.stdout.strip() == "3":
-                found = candidate
+            for namespaces in (True, False):
+                result = _run(_PROBE_PROGRAM, b"", 10.0, 512, None, 4096, 1 << 20, 16, 64, candidate, namespaces)
+                if result.passed and result.stdout.strip() == "3":
+                    found, namespaces_usable = candidate, namespaces
+                    break
+                problems.append(
+                    f"{candidate} ({'with' if namespaces else 'without'} namespaces): {result.status.value}: "
+                    f"{result.message or result.stderr[-300:]}"
+                )
+                if "sandbox setup failed" not in result.message:
+                    break  # not a namespace problem: this interpreter does not work at all
+            if found is not None:
                 break
-            problems.append(f"{candidate}: {result.status.value}: {result.message or result.stderr[-300:]}")
             _discard_fork_server(candidate)
-        _python_probe = (found, tuple(problems), time.monotonic())
-        return found, tuple(problems)
+        _probe = _Probe(found, namespaces_usable, tuple(problems), time.monotonic())
+        return _probe
 
 
 def sandbox_capabilities() -> SandboxCapabilities:
@@ -374,10 +393,11 @@ def _capabilities() -> SandboxCapabilities:
 
 
 def _probe_capabilities() -> SandboxCapabilities:
-    python, problems = _default_python()
+    probe = _probe_sandbox()
+    python, problems = probe.python, probe.problems
     if python is None:
         return SandboxCapabilities(frozenset(), None, ("no Python interpreter runs inside the sandbox",), problems)
-    result = _run("pass\n", b"", 10.0, 256, None, 4096, 1 << 20, 16, 64, python, True)
+    result = _run("pass\n", b"", 10.0, 256, None, 4096, 1 << 20, 16, 64, python, probe.namespaces_usable)
     isolation = frozenset(result.isolation)
     missing = {
         "net_namespace": "no network namespace: the program can open network connections",
@@ -387,6 +407,8 @@ def _probe_capabilities() -> SandboxCapabilities:
         "unprivileged_uid": "program runs with the caller's uid (it can read every file the caller can)",
     }
     degradations = [text for name, text in missing.items() if name not in isolation]
+    if not probe.namespaces_usable:
+        degradations.insert(0, "namespace set-up fails on this machine, so runs go without namespaces")
     if "unprivileged_uid" in isolation and not _uid_block_available():
         degradations.append("sandbox uid block unmapped: concurrent runs share uid 65534 (shared RLIMIT_NPROC)")
     warnings = tuple(problems) + tuple(line for line in result.message.split("; ") if line)
@@ -434,12 +456,14 @@ def run_sandboxed(
     stdin_bytes = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
     start = time.monotonic()
     try:
+        probe = _probe_sandbox()
+        namespaces = namespaces and probe.namespaces_usable
         if python is None:
-            python = _default_python()[0]
+            python = probe.python
             if python is None:
                 return SandboxResult(
                     SandboxStatus.CRASHED,
-                    message="no Python interpreter can run inside the sandbox: " + "; ".join(_default_python()[1]),
+                    message="no Python interpreter can run inside the sandbox: " + "; ".join(probe.problems),
                 )
         return _run(program, stdin_bytes, float(timeout_s), int(memory_mb), cpu_time_s, max_output_bytes,
                     max_file_bytes, max_processes, max_open_files, python, namespaces)

@@ -497,3 +497,27 @@ def test_unprivileged_caller_gets_user_namespace_isolation(caps, tmp_path):
         assert not os.path.exists(escape)
     finally:
         shutil.rmtree(escape_dir, ignore_errors=True)
+
+
+def test_probe_falls_back_when_namespace_setup_fails(caps, monkeypatch):
+    """Where unshare succeeds but the rest of the set-up does not, runs must degrade (reported), not fail."""
+    real_run = sandbox._run
+
+    def run_where_namespaces_break(program, stdin, timeout_s, memory_mb, *rest):
+        if rest[-1]:  # namespaces requested
+            return sandbox.SandboxResult(SandboxStatus.CRASHED, message="sandbox setup failed, the program did "
+                                         "not run: PermissionError: [Errno 1] uid_map")
+        return real_run(program, stdin, timeout_s, memory_mb, *rest)
+
+    monkeypatch.setattr(sandbox, "_run", run_where_namespaces_break)
+    monkeypatch.setattr(sandbox, "_probe", None)
+    monkeypatch.setattr(sandbox, "_capabilities_cache", None)
+    degraded = sandbox_capabilities()
+    assert degraded.python == caps.python and "net_namespace" not in degraded.isolation
+    assert degraded.degradations[0].startswith("namespace set-up fails")
+    result = run_sandboxed("print('still runs')", **LIMITS)
+    assert result.passed and result.stdout == "still runs\n" and "net_namespace" not in result.isolation
+    monkeypatch.undo()
+    sandbox._probe = None
+    sandbox._capabilities_cache = None
+    assert sandbox_capabilities().isolation == caps.isolation
