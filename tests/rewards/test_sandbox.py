@@ -460,33 +460,30 @@ print("result", result.status.value, result.stdout.strip(), result.message)
 """
 
 
-def test_unprivileged_caller_gets_user_namespace_isolation(caps, tmp_path):
+def test_unprivileged_caller_gets_user_namespace_isolation(caps):
     """A non-root caller (CI as a normal user) gets the namespaces through a user namespace; the program
     there must hold no capability (it would otherwise undo the read-only mounts as the caller's uid)."""
     if os.geteuid() != 0:
         pytest.skip("the test process is already unprivileged: the other tests cover this mode")
     # A world-readable copy of just the sandbox modules, run by the probed interpreter as uid 1000.
-    package = tmp_path / "copy" / "nemotron_jax"
-    (package / "rewards").mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "rewards" / "__init__.py").write_text("")
-    source_dir = os.path.dirname(sandbox.__file__)
-    for name in ("sandbox.py", "_sandbox_child.py"):
-        shutil.copy(os.path.join(source_dir, name), package / "rewards" / name)
-    (tmp_path / "copy" / "caller.py").write_text(_UNPRIVILEGED_CALLER)
-    for path in [tmp_path, *tmp_path.parents]:
-        if str(path) in ("/", tempfile.gettempdir()):
-            break
-        os.chmod(path, os.stat(path).st_mode | 0o755)
-    for root, dirs, files in os.walk(tmp_path / "copy"):
-        for name in dirs + files:
-            os.chmod(os.path.join(root, name), 0o755)
+    copy = tempfile.mkdtemp(prefix="nj-sandbox-copy-")
     escape_dir = tempfile.mkdtemp(prefix="nj-sandbox-userns-")
-    os.chown(escape_dir, 1000, 1000)  # writable by the caller's uid: only the read-only mount protects it
-    escape = os.path.join(escape_dir, "escape.txt")
     try:
+        package = os.path.join(copy, "nemotron_jax")
+        os.makedirs(os.path.join(package, "rewards"))
+        for name in ("__init__.py", os.path.join("rewards", "__init__.py")):
+            open(os.path.join(package, name), "w").close()
+        for name in ("sandbox.py", "_sandbox_child.py"):
+            shutil.copy(os.path.join(os.path.dirname(sandbox.__file__), name), os.path.join(package, "rewards"))
+        with open(os.path.join(copy, "caller.py"), "w") as f:
+            f.write(_UNPRIVILEGED_CALLER)
+        for root, dirs, files in os.walk(copy):
+            for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                os.chmod(name, 0o755)
+        os.chown(escape_dir, 1000, 1000)  # writable by the caller's uid: only the read-only mount protects it
+        escape = os.path.join(escape_dir, "escape.txt")
         completed = subprocess.run(
-            [caps.python, "caller.py", escape], cwd=tmp_path / "copy", user=1000, group=1000, extra_groups=[],
+            [caps.python, "caller.py", escape], cwd=copy, user=1000, group=1000, extra_groups=[],
             env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
         )
         assert completed.returncode == 0, completed.stderr
@@ -496,6 +493,7 @@ def test_unprivileged_caller_gets_user_namespace_isolation(caps, tmp_path):
         assert lines["result"].startswith("passed 1000 0000000000000000 -1 False"), lines
         assert not os.path.exists(escape)
     finally:
+        shutil.rmtree(copy, ignore_errors=True)
         shutil.rmtree(escape_dir, ignore_errors=True)
 
 
