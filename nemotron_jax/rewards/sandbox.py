@@ -767,7 +767,7 @@ def _collect(out_r, err_r, status_r, start, timeout_s, max_output_bytes, stop):
         if remaining <= 0:
             verdict = "timeout"
             break
-        read_ready(max(1, int(math.ceil(remaining * 1000))))
+        read_ready(max(1, min(int(math.ceil(remaining * 1000)), 60_000)))  # poll() takes a C int
     ended = time.monotonic()
     # The supervisor is gone (so, with a PID namespace, is everything the program started), or we stop it.
     stop(bytes(status))
