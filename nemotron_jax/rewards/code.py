@@ -388,9 +388,9 @@ def code_reward_batch(
     """`code_reward` for each (program, tests) pair, run concurrently; returns rewards in input order.
 
     The work happens in the sandboxed child processes, so threads (one waiting on each child) keep every
-    core busy; `max_workers` defaults to four times the number of CPUs, because a run spends about two thirds
-    of its wall time waiting on the kernel (namespace set-up and tear-down), not computing. All tests are
-    validated before anything runs.
+    core busy; `max_workers` defaults to four times the number of CPUs, because part of a run's wall time
+    is spent waiting on the kernel (namespace set-up and tear-down), not computing; on a loaded 2-core
+    machine 8 workers gave 2.3x the throughput of 2. All tests are validated before anything runs.
     """
     if len(programs) != len(tests_list):
         raise ValueError(f"programs has {len(programs)} entries but tests_list has {len(tests_list)}")
