@@ -30,6 +30,7 @@ from nemotron_jax.rewards.registry import (
     get_reward,
     register_reward,
     reward_names,
+    unregister_reward,
 )
 from nemotron_jax.rewards.scoring import (
     RewardPool,
@@ -66,4 +67,5 @@ __all__ = [
     "reward_names",
     "score_batch",
     "score_in_process",
+    "unregister_reward",
 ]

@@ -72,6 +72,9 @@ def register_reward(
 ) -> RewardEntry:
     """Registers ``fn(response, spec) -> float in [0, 1]`` under ``name`` and ``aliases``.
 
+    With ``overwrite=True`` an existing entry is replaced; aliases registered earlier for ``name`` keep pointing
+    at it, so overriding ``"math"`` also changes what ``"math_with_judge_simple_agent"`` scores with.
+
     Raises ValueError if a name is taken (unless ``overwrite``), TypeError if ``fn`` is not callable.
     """
     if not callable(fn):
@@ -90,6 +93,15 @@ def register_reward(
     for alias in aliases:
         _ALIASES[alias] = name
     return entry
+
+
+def unregister_reward(name: str) -> None:
+    """Removes an entry (by its main name) and its aliases; ValueError if there is none."""
+    if name not in _ENTRIES:
+        raise ValueError(f"no reward registered under the main name {name!r}; registered: {reward_names()}")
+    del _ENTRIES[name]
+    for alias in [alias for alias, target in _ALIASES.items() if target == name]:
+        del _ALIASES[alias]
 
 
 def _domain_name(domain: str | Mapping[str, Any]) -> str:

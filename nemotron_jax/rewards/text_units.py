@@ -35,15 +35,16 @@ _ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf al inc ltd co corp no nos fig figs eq eqs approx dept est "
     "jan feb mar apr jun jul aug sep sept oct nov dec a.m p.m u.s u.k u.s.a ph.d vol pp ed op".split()
 )
-# Sentence-final punctuation (ASCII and CJK), optional closing quotes/brackets, then whitespace or the end.
-_SENTENCE_END = re.compile(r"([.!?。！？]+)[\"'”’)\]]*(?=\s|$)")
+# Sentence-final punctuation, optional closing quotes/brackets, then whitespace or the end; CJK full-width
+# marks end a sentence without a following space.
+_SENTENCE_END = re.compile(r"([.!?]+)[\"'”’)\]]*(?=\s|$)|([。！？]+)[\"'”’」』)\]]*")
 
 
 def split_sentences(text: str) -> list[str]:
     """Splits ``text`` into sentences.
 
-    A sentence ends at ``.``, ``!``, ``?`` (or their CJK forms), possibly repeated (``?!``, ``...``) and
-    followed by closing quotes or brackets, when whitespace or the end of the text follows. A full stop does not
+    A sentence ends at ``.``, ``!``, ``?``, possibly repeated (``?!``, ``...``) and followed by closing quotes or
+    brackets, when whitespace or the end of the text follows; or at the full-width ``。！？`` (no space needed). A full stop does not
     end a sentence after a known abbreviation (``Dr.``, ``e.g.``), after a single-letter initial (``J. Smith``),
     or when the next word starts with a lower-case letter (``approx. ten``). Decimal numbers never split
     (no whitespace after their point). Line breaks alone do not end a sentence, as in NLTK's Punkt, which
@@ -52,7 +53,7 @@ def split_sentences(text: str) -> list[str]:
     sentences = []
     start = 0
     for match in _SENTENCE_END.finditer(text):
-        if match.group(1) == ".":
+        if match.group(1) == ".":  # (group 1 is None for CJK marks)
             preceding = re.search(r"(\S+)\.$", text[start : match.start(1) + 1])
             token = preceding.group(1).lower().lstrip("(\"'“‘") if preceding else ""
             if token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha()):
