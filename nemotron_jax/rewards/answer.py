@@ -44,49 +44,51 @@ def extract_final_answer(response: str, *, thinking: bool | None = None) -> str 
 BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
-def _balanced_group(text: str, open_at: int) -> int | None:
-    """Given ``text[open_at] == '{'``, returns the index of its matching ``}`` or ``None`` if unbalanced.
+# Escaped characters (a backslash and the character after it) and grouping braces: all that brace matching reads.
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+_BARE_TOKEN = re.compile(r"[^\s$]+")
 
-    Escaped braces (``\\{``, ``\\}``, as in a LaTeX set) do not count as grouping braces.
+
+def _brace_partners(text: str) -> dict[int, int]:
+    r"""Maps the index of each grouping ``{`` to the index of its matching ``}`` (one linear pass).
+
+    Escaped braces (``\{``, ``\}``, as in a LaTeX set) are not grouping braces. Unmatched braces are left out.
     """
-    depth = 0
-    position = open_at
-    while position < len(text):
-        char = text[position]
-        if char == "\\":
-            position += 2  # skip the escaped character, whatever it is
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return position
-        position += 1
-    return None
+    partners: dict[int, int] = {}
+    open_at: list[int] = []
+    for token in _BRACE_TOKEN.finditer(text):
+        if token.group(0) == "{":
+            open_at.append(token.start())
+        elif token.group(0) == "}" and open_at:
+            partners[open_at.pop()] = token.start()
+    return partners
 
 
 def find_boxed_contents(text: str) -> list[str]:
-    """Returns the contents of every ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed x`` in ``text``, in order.
+    r"""Returns the contents of every ``\boxed{...}`` / ``\fbox{...}`` / ``\boxed x`` in ``text``, in order.
 
-    Nested braces are matched (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``). The brace-less form
-    ``\\boxed 5`` takes the next whitespace-delimited token (up to a ``$``). An unclosed box (a truncated
-    response) is skipped. Empty boxes are skipped.
+    Nested braces are matched (``\boxed{\frac{1}{2}}`` gives ``\frac{1}{2}``). The brace-less form
+    ``\boxed 5`` takes the next whitespace-delimited token (up to a ``$``). An unclosed box (a truncated
+    response) is skipped. Empty boxes are skipped. Linear in the length of ``text``.
     """
+    commands = list(BOX_COMMAND.finditer(text))
+    if not commands:
+        return []
+    partners = _brace_partners(text)
     contents = []
-    for command in BOX_COMMAND.finditer(text):
+    for command in commands:
         position = command.end()
         while position < len(text) and text[position] in " \t":
             position += 1
         if position >= len(text):
             continue
         if text[position] == "{":
-            close_at = _balanced_group(text, position)
+            close_at = partners.get(position)
             if close_at is None:
                 continue
             content = text[position + 1 : close_at].strip()
         else:
-            token = re.match(r"[^\s$]+", text[position:])
+            token = _BARE_TOKEN.match(text, position)
             content = token.group(0) if token else ""
         if content:
             contents.append(content)

@@ -216,7 +216,7 @@ def check_number_sentences(answer: str, *, num_sentences: int, relation: str) ->
 
 def _divided_paragraphs(answer: str) -> list[str] | None:
     """Paragraphs separated by the markdown divider ``***``; None if an inner paragraph is empty."""
-    pieces = [piece.strip() for piece in re.split(r"\s*(?<!\*)\*\*\*(?!\*)\s*", answer)]
+    pieces = [piece.strip() for piece in re.split(r"(?<!\*)\*\*\*(?!\*)", answer)]
     if pieces and not pieces[0]:
         pieces = pieces[1:]
     if pieces and not pieces[-1]:
@@ -251,7 +251,8 @@ def check_nth_paragraph_first_word(answer: str, *, num_paragraphs: int, nth_para
 @register_instruction("detectable_content:number_placeholders")
 def check_number_placeholders(answer: str, *, num_placeholders: int) -> bool:
     """At least ``num_placeholders`` square-bracket placeholders like ``[address]`` (non-empty, one line)."""
-    return len(re.findall(r"\[[^\[\]\n]*\S[^\[\]\n]*\]", answer)) >= num_placeholders
+    placeholders = re.findall(r"\[([^\[\]\n]+)\]", answer)
+    return sum(1 for placeholder in placeholders if placeholder.strip()) >= num_placeholders
 
 
 @register_instruction("detectable_content:postscript")

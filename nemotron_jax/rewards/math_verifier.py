@@ -15,6 +15,7 @@ of silently returning 0, so that the scoring layer counts it.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 
@@ -27,8 +28,18 @@ class MathVerifyTimeout(TimeoutError):
 
 # "The answer is 5", "Final answer: 5", "answer = 5" (case-insensitive, last occurrence wins).
 _ANSWER_STATEMENT = re.compile(r"\banswer\s*(?:is\s*:?|:|=)\s*(?P<answer>[^\n]*)", re.IGNORECASE)
-# Trailing plain words after a number or a closing brace are units or prose: "12 dollars", "5 apples".
-_TRAILING_WORDS = re.compile(r"(?<=[\d}])\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,})*\s*$")
+_PLAIN_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def _drop_trailing_words(text: str) -> str:
+    """Drops plain words after a number or a closing brace: units or prose ("12 dollars", "5 apples")."""
+    tokens = text.split()
+    kept = len(tokens)
+    while kept > 1 and _PLAIN_WORD.fullmatch(tokens[kept - 1]):
+        kept -= 1
+    if kept == len(tokens) or tokens[kept - 1][-1:] not in tuple("0123456789}"):
+        return text
+    return " ".join(tokens[:kept])
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -45,7 +56,7 @@ def _clean_candidate(candidate: str) -> str:
     span = re.match(r"^\$+([^$]+)\$+", text)
     if span:
         text = span.group(1).strip()
-    return _TRAILING_WORDS.sub("", text).strip()
+    return _drop_trailing_words(text).strip()
 
 
 def extract_math_answer(response: str) -> str | None:
@@ -85,13 +96,16 @@ def _signal_timeouts_usable() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _parse(latex: str, timeout_s: int | None):
+# GRPO scores G rollouts per prompt: the ground truth, and often the answers, repeat within a batch. Parsing
+# (an ANTLR LaTeX grammar) is most of the cost, and math-verify's own cache holds only 20 entries.
+@functools.lru_cache(maxsize=4096)
+def _parse(latex: str, timeout_s: int | None) -> tuple:
     """math-verify parse of one answer wrapped in ``\\boxed{}``; raises MathVerifyTimeout on timeout."""
     from math_verify import parse
     from math_verify.errors import TimeoutException
 
     try:
-        return parse("\\boxed{" + latex + "}", parsing_timeout=timeout_s, raise_on_error=True)
+        return tuple(parse("\\boxed{" + latex + "}", parsing_timeout=timeout_s, raise_on_error=True))
     except TimeoutException as error:
         raise MathVerifyTimeout(f"math-verify parsing timed out after {timeout_s} s") from error
 
@@ -134,6 +148,8 @@ def math_reward(response: str, ground_truth: str | int | float, *, timeout_s: in
     predicted_text = extract_math_answer(response)
     if not predicted_text:
         return 0.0
+    if predicted_text == gold_text:  # the same string is the same answer; no comparison needed
+        return 1.0
     try:
         predicted = _parse(predicted_text, timeout)
     except MathVerifyTimeout:
@@ -145,7 +161,7 @@ def math_reward(response: str, ground_truth: str | int | float, *, timeout_s: in
     return 1.0 if _any_equivalent(gold, predicted, timeout) else 0.0
 
 
-def _any_equivalent(gold: list, predicted: list, timeout: int | None) -> bool:
+def _any_equivalent(gold: tuple, predicted: tuple, timeout: int | None) -> bool:
     """math-verify's ``verify`` pair by pair, so that a timeout is told apart from "not equal"."""
     from math_verify import verify
     from math_verify.errors import TimeoutException

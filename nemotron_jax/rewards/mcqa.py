@@ -31,14 +31,15 @@ from collections.abc import Mapping, Sequence
 
 from nemotron_jax.rewards.answer import extract_final_answer, find_boxed_contents
 
-_LETTER_IN_BOX = re.compile(r"^\s*(?:\\text(?:bf)?\{\s*)?\(?\s*([A-Za-z])\s*\)?\s*\}?\s*[.:]?\s*$")
+# Possessive quantifiers (``*+``) keep these linear on long whitespace runs.
+_LETTER_IN_BOX = re.compile(r"^\s*+(?:\\text(?:bf)?\{\s*+)?\(?\s*+([A-Za-z])\s*+\)?\s*+\}?\s*+[.:]?\s*+$")
 _ANSWER_STATEMENT = re.compile(
     r"\b(?:answer\s*(?:is\s*:?|:)|final\s+choice\s*(?:is\s*:?|:)|option\s+selected\s*(?:is\s*:?|:)"
     r"|(?:correct|best)\s+(?:option|choice)\s+is\s*:?)"
     r"\s*(?:option\s+)?\(?\s*\$?\s*(?:\\boxed\{\s*)?(?:\\text\{\s*)?((?-i:[A-Z]))\b(?!['’]\w)",
     re.IGNORECASE,
 )
-_LETTER_ALONE = re.compile(r"^\W*(?:option\s+)?\(?([A-Za-z])\)?\W*$", re.IGNORECASE)
+_LETTER_ALONE = re.compile(r"^\W*+(?:option\s++)?\(?([A-Za-z])\)?\W*+$", re.IGNORECASE)
 
 
 def _allowed_letters(options: Sequence[Mapping[str, str]] | Mapping[str, str] | None) -> frozenset[str]:
@@ -135,9 +136,11 @@ def mcqa_reward(
       options: the record's options, used to restrict which letters count as a choice.
 
     Raises:
-      ValueError: if ``expected_answer`` is not a single letter, ``output_regex`` does not compile, or
-        ``options`` is malformed.
+      ValueError: if ``expected_answer`` is not a single letter (or not one of ``options``), ``output_regex`` does
+        not compile, or ``options`` is malformed.
     """
     expected = normalize_choice(expected_answer)
+    if expected not in _allowed_letters(options):
+        raise ValueError(f"expected_answer {expected_answer!r} is not one of the options {options!r}")
     choice = extract_choice(response, output_regex, options)
     return 1.0 if choice == expected else 0.0

@@ -195,7 +195,10 @@ def _as_flags(values: bool | Sequence[bool] | np.ndarray | None, size: int, name
         return [False] * size
     if isinstance(values, (bool, np.bool_)):
         return [bool(values)] * size
-    flags = [bool(value) for value in np.asarray(values).reshape(-1)]
+    array = np.asarray(values)
+    if array.dtype.kind not in "biu":  # e.g. finish reasons: pass `finish_reason == "length"` instead
+        raise ValueError(f"{name} must be booleans, got an array of dtype {array.dtype}")
+    flags = [bool(value) for value in array.reshape(-1)]
     if len(flags) != size:
         raise ValueError(f"{name} has {len(flags)} entries but there are {size} responses")
     return flags
@@ -235,7 +238,11 @@ def _prepare(
         elif thinking_flags[index] and THINK_CLOSE not in response:
             state.record(index, 0.0, STATUS_UNFINISHED_THINKING)
         else:
-            item_timeout = timeout_s if timeout_s is not None else entry.timeout_for(spec)
+            try:
+                item_timeout = timeout_s if timeout_s is not None else entry.timeout_for(spec)
+            except Exception as error:  # a malformed spec: this item fails, the batch goes on
+                state.record(index, 0.0, STATUS_ERROR, f"time limit: {type(error).__name__}: {error}")
+                continue
             items.append(_Item(index, entry.name, entry.fn, response, spec, item_timeout))
     return state, items
 

@@ -36,29 +36,34 @@ _ABBREVIATIONS = frozenset(
     "jan feb mar apr jun jul aug sep sept oct nov dec a.m p.m u.s u.k u.s.a ph.d vol pp ed op".split()
 )
 # Sentence-final punctuation, optional closing quotes/brackets, then whitespace or the end; CJK full-width
-# marks end a sentence without a following space.
-_SENTENCE_END = re.compile(r"([.!?]+)[\"'”’)\]]*(?=\s|$)|([。！？]+)[\"'”’」』)\]]*")
+# marks end a sentence without a following space. A match starts only at the beginning of a punctuation run and
+# the quantifiers are possessive, so that a long run of dots costs linear time, not quadratic.
+_SENTENCE_END = re.compile(r"(?<![.!?])([.!?]++)[\"'”’)\]]*+(?=\s|$)|([。！？]++)[\"'”’」』)\]]*+")
+_TOKEN_BEFORE_PERIOD = re.compile(r"(\S+)\.$")
+_NEXT_VISIBLE_CHARACTER = re.compile(r"\s*+(\S)")
+_LONGEST_ABBREVIATION = 16
 
 
 def split_sentences(text: str) -> list[str]:
     """Splits ``text`` into sentences.
 
     A sentence ends at ``.``, ``!``, ``?``, possibly repeated (``?!``, ``...``) and followed by closing quotes or
-    brackets, when whitespace or the end of the text follows; or at the full-width ``。！？`` (no space needed). A full stop does not
-    end a sentence after a known abbreviation (``Dr.``, ``e.g.``), after a single-letter initial (``J. Smith``),
-    or when the next word starts with a lower-case letter (``approx. ten``). Decimal numbers never split
-    (no whitespace after their point). Line breaks alone do not end a sentence, as in NLTK's Punkt, which
-    IFEval uses. Empty pieces are dropped.
+    brackets, when whitespace or the end of the text follows; or at the full-width ``。！？`` (no space needed).
+    A full stop does not end a sentence after a known abbreviation (``Dr.``, ``e.g.``), after a single-letter
+    initial (``J. Smith``), or when the next word starts with a lower-case letter (``approx. ten``). Decimal
+    numbers never split (no whitespace after their point). Line breaks alone do not end a sentence, as in NLTK's
+    Punkt, which IFEval uses. Empty pieces are dropped. Linear in the length of ``text``.
     """
     sentences = []
     start = 0
     for match in _SENTENCE_END.finditer(text):
         if match.group(1) == ".":  # (group 1 is None for CJK marks)
-            preceding = re.search(r"(\S+)\.$", text[start : match.start(1) + 1])
+            window = text[max(start, match.start(1) - _LONGEST_ABBREVIATION) : match.start(1) + 1]
+            preceding = _TOKEN_BEFORE_PERIOD.search(window)
             token = preceding.group(1).lower().lstrip("(\"'“‘") if preceding else ""
             if token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha()):
                 continue
-            following = re.match(r"\s*(\S)", text[match.end() :])
+            following = _NEXT_VISIBLE_CHARACTER.match(text, match.end())
             if following and following.group(1).islower():
                 continue
         piece = text[start : match.end()].strip()

@@ -64,7 +64,8 @@ def test_options_restrict_allowed_letters():
     options = [{"A": "one"}, {"B": "two"}, {"C": "three"}, {"D": "four"}]
     assert extract_choice("Answer: E", options=options) is None
     assert extract_choice("Answer: D", options=options) == "D"
-    assert mcqa_reward("Answer: E", "E", options=options) == 0.0
+    with pytest.raises(ValueError, match="not one of the options"):
+        mcqa_reward("Answer: E", "E", options=options)
 
 
 @pytest.mark.parametrize(

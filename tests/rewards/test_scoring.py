@@ -134,12 +134,21 @@ def test_bad_batches_raise_clear_errors(pool):
         pool.score(["a", "b"], [{}], ["math", "math"])
     with pytest.raises(ValueError, match="truncated has 1 entries"):
         pool.score(["a", "b"], [{}, {}], ["mcqa", "mcqa"], truncated=[True])
+    with pytest.raises(ValueError, match="truncated must be booleans"):
+        pool.score(["a", "b"], [{}, {}], ["mcqa", "mcqa"], truncated=["length", "stop"])
     register_reward("test_lambda", lambda response, spec: 1.0)
     try:
         with pytest.raises(ValueError, match="test_lambda.*top level"):
             pool.score(["a"], [{}], ["test_lambda"])
     finally:
         unregister_reward("test_lambda")
+
+
+def test_a_spec_that_breaks_the_time_limit_fails_only_its_item(pool):
+    specs = [{"tests": [], "timeout_s": "ten"}, {"expected_answer": "C"}]
+    rewards, stats = pool.score(["x", "Answer: C"], specs, ["code", "mcqa"])
+    np.testing.assert_array_equal(rewards, [0.0, 1.0])
+    assert stats.statuses == ("error", "ok") and "time limit" in stats.failure_messages[0]
 
 
 def test_score_batch_in_process_and_with_agent_refs():
