@@ -9,7 +9,9 @@ verifiers must ignore: a boxed number, commas, an "Answer:" line) and an answer 
 right. Like a GRPO batch it is 128 prompts x 16 rollouts (the rollouts of a prompt share its spec), the domains
 taking turns. Configurations, side by side in one run: in-process (one core, no time limits), a pool of 1
 worker, and a pool of every available CPU. Each scores a warm-up batch (parser caches, ANTLR's DFA), then
-``--repeats`` different batches; the best of those counts (the machine may be shared). Pool start-up (the first
+``--repeats`` different batches; the two pools take turns on each batch, so that a change of load on a shared
+machine hits both alike. Reported per pool: wall time per batch, the verifiers' CPU-seconds per batch and
+``busy_cores`` (CPU-seconds / wall seconds: how many cores the reward step kept busy). Pool start-up (the first
 start includes the fork server's imports) is timed separately. All configurations must give the same rewards;
 the script checks.
 """
@@ -154,27 +156,46 @@ def make_batch(size: int, seed: int, rollouts_per_prompt: int = 16) -> tuple[lis
     return responses, specs, domains
 
 
-def _time_pool(num_workers: int, warm_up_batch, timed_batches) -> tuple[dict, list[float]]:
-    started = time.perf_counter()
-    with RewardPool(num_workers) as pool:
-        pool.wait_ready()
-        startup_s = time.perf_counter() - started
-        _, warm_up_stats = pool.score(*warm_up_batch)
-        # Different batches on the warm pool: what each step of a training loop sees.
-        timed = [pool.score(*batch) for batch in timed_batches]
-    seconds = [stats.wall_time_s for _, stats in timed]
-    return (
-        {
-            "num_workers": num_workers,
-            "startup_s": round(startup_s, 3),
-            "warm_up_batch_s": round(warm_up_stats.wall_time_s, 3),
-            "batch_s": [round(each, 3) for each in seconds],
-            "best_batch_s": round(min(seconds), 3),
-            "items_per_s": round(len(timed_batches[0][0]) / min(seconds), 1),
-            "failures": warm_up_stats.num_failures + sum(stats.num_failures for _, stats in timed),
-        },
-        [reward for rewards, _ in timed for reward in rewards.tolist()],
-    )
+def _pool_figures(num_workers: int, startup_s: float, warm_up_stats, timed_stats) -> dict:
+    seconds = [stats.wall_time_s for stats in timed_stats]
+    return {
+        "num_workers": num_workers,
+        "startup_s": round(startup_s, 3),
+        "warm_up_batch_s": round(warm_up_stats.wall_time_s, 3),
+        "batch_s": [round(each, 3) for each in seconds],
+        "best_batch_s": round(min(seconds), 3),
+        "items_per_s": round(timed_stats[0].num_items / min(seconds), 1),
+        # CPU-seconds of verification per batch, and how many cores were busy on average while it ran.
+        "verifier_cpu_s": [round(stats.verifier_cpu_s, 3) for stats in timed_stats],
+        "busy_cores": [round(stats.verifier_cpu_s / stats.wall_time_s, 2) for stats in timed_stats],
+        "failures": warm_up_stats.num_failures + sum(stats.num_failures for stats in timed_stats),
+    }
+
+
+def _compare_pools(worker_counts: tuple[int, ...], warm_up_batch, timed_batches) -> tuple[list[dict], list]:
+    """Scores each timed batch on every pool in turn (interleaved), so that load changes hit all alike."""
+    pools, startups, warm_ups = [], [], []
+    try:
+        for num_workers in worker_counts:
+            started = time.perf_counter()
+            pool = RewardPool(num_workers)
+            pools.append(pool)
+            pool.wait_ready()
+            startups.append(time.perf_counter() - started)
+            warm_ups.append(pool.score(*warm_up_batch).stats)
+        timed: list[list] = [[] for _ in pools]
+        for batch in timed_batches:
+            for position, pool in enumerate(pools):
+                timed[position].append(pool.score(*batch))
+    finally:
+        for pool in pools:
+            pool.close()
+    figures = [
+        _pool_figures(count, startup, warm_up, [stats for _, stats in results])
+        for count, startup, warm_up, results in zip(worker_counts, startups, warm_ups, timed)
+    ]
+    rewards = [[reward for rewards, _ in results for reward in rewards.tolist()] for results in timed]
+    return figures, rewards
 
 
 def _in_process(warm_up_batch, timed_batches, domain_batch) -> tuple[dict, list[float]]:
@@ -210,10 +231,11 @@ def main(argv: list[str]) -> None:
     response_chars = [len(response) for batch in timed_batches for response in batch[0]]
     max_workers = _MAX_WORKERS.value or available_cpus()
 
+    load_at_start = os.getloadavg()
     in_process, serial_rewards = _in_process(warm_up_batch, timed_batches, domain_batch)
-    one_worker, one_rewards = _time_pool(1, warm_up_batch, timed_batches)
-    all_workers, all_rewards = _time_pool(max_workers, warm_up_batch, timed_batches)
+    (one_worker, all_workers), (one_rewards, all_rewards) = _compare_pools((1, max_workers), warm_up_batch, timed_batches)
     assert one_rewards == serial_rewards == all_rewards, "configurations disagree"
+    pair_speedups = [one / every for one, every in zip(one_worker["batch_s"], all_workers["batch_s"])]
 
     results = {
         "benchmark": "reward_throughput",
@@ -228,9 +250,11 @@ def main(argv: list[str]) -> None:
         "in_process": in_process,
         "pool_1_worker": one_worker,
         "pool_all_workers": all_workers,
-        "speedup_all_vs_1_worker": round(one_worker["best_batch_s"] / all_workers["best_batch_s"], 2),
+        "speedup_all_vs_1_worker_per_batch": [round(each, 2) for each in pair_speedups],
+        "speedup_all_vs_1_worker_best": round(one_worker["best_batch_s"] / all_workers["best_batch_s"], 2),
         "machine": {
             "available_cpus": available_cpus(),
+            "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg(),
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -74,6 +74,7 @@ class ScoreStats:
     num_workers: int
     worker_restarts: int
     wall_time_s: float
+    verifier_cpu_s: float  # CPU time spent in reward functions (worker processes, not programs they start)
 
     def count(self, status: str) -> int:
         return sum(1 for each in self.statuses if each == status)
@@ -124,6 +125,7 @@ class ScoreStats:
             "worker_restarts": self.worker_restarts,
             "num_workers": self.num_workers,
             "wall_time_s": self.wall_time_s,
+            "verifier_cpu_s": self.verifier_cpu_s,
         }
 
 
@@ -162,8 +164,12 @@ class _BatchState:
         self.statuses: list[str | None] = [None] * size
         self.domains: list[str] = [""] * size
         self.messages: list[str] = []
+        self.cpu_seconds = 0.0
 
-    def record(self, index: int, reward: float, status: str, message: str | None = None) -> None:
+    def record(
+        self, index: int, reward: float, status: str, message: str | None = None, cpu_seconds: float = 0.0
+    ) -> None:
+        self.cpu_seconds += cpu_seconds
         self.rewards[index] = reward if status == STATUS_OK else 0.0
         self.statuses[index] = status
         if status in FAILURE_STATUSES and len(self.messages) < _MAX_FAILURE_MESSAGES:
@@ -186,6 +192,7 @@ class _BatchState:
             num_workers=num_workers,
             worker_restarts=worker_restarts,
             wall_time_s=time.perf_counter() - started_at,
+            verifier_cpu_s=self.cpu_seconds,
         )
         return ScoredBatch(self.rewards, stats)
 
@@ -247,16 +254,20 @@ def _prepare(
     return state, items
 
 
-def _run_item(fn: Any, domain: str, response: str, spec: Mapping[str, Any]) -> tuple[float, str, str | None]:
-    """Runs one reward function, turning every exception into a status (never raises)."""
+def _run_item(
+    fn: Any, domain: str, response: str, spec: Mapping[str, Any]
+) -> tuple[float, str, str | None, float]:
+    """Runs one reward function: (reward, status, error message, CPU seconds). Never raises."""
+    started = time.process_time()
     try:
-        return check_reward_value(fn(response, spec), domain), STATUS_OK, None
+        reward, status, message = check_reward_value(fn(response, spec), domain), STATUS_OK, None
     except TimeoutError as error:  # e.g. math-verify's own limit (MathVerifyTimeout)
-        return 0.0, STATUS_TIMEOUT, f"{type(error).__name__}: {error}"
+        reward, status, message = 0.0, STATUS_TIMEOUT, f"{type(error).__name__}: {error}"
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as error:  # noqa: BLE001 - a verifier may raise anything; it is reported, not hidden
-        return 0.0, STATUS_ERROR, f"{type(error).__name__}: {error}"
+        reward, status, message = 0.0, STATUS_ERROR, f"{type(error).__name__}: {error}"
+    return reward, status, message, time.process_time() - started
 
 
 def score_in_process(
@@ -274,8 +285,7 @@ def score_in_process(
     started_at = time.perf_counter()
     state, items = _prepare(responses, specs, domains, truncated, thinking, None)
     for item in items:
-        reward, status, message = _run_item(item.fn, item.domain, item.response, item.spec)
-        state.record(item.index, reward, status, message)
+        state.record(item.index, *_run_item(item.fn, item.domain, item.response, item.spec))
     return state.finish(num_workers=0, worker_restarts=0, started_at=started_at)
 
 
@@ -326,8 +336,7 @@ def _worker_main(connection: multiprocessing.connection.Connection) -> None:
         if message[0] == "stop":
             return
         for index, domain, fn, response, spec in message[1]:
-            reward, status, error = _run_item(fn, domain, response, spec)
-            connection.send(("result", index, reward, status, error))
+            connection.send(("result", index, *_run_item(fn, domain, response, spec)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -578,12 +587,12 @@ class RewardPool:
                     _kill_worker(worker)
                     raise RuntimeError(f"a reward worker failed to start:\n{message[1]}")
                 elif kind == "result":
-                    _, index, reward, status, error = message
+                    _, index, reward, status, error, cpu_seconds = message
                     item = worker.outstanding.popleft()
                     if item.index != index:  # the protocol is strictly in order
                         raise RuntimeError(f"reward worker sent item {index}, expected {item.index}")
                     assert state is not None
-                    state.record(index, reward, status, error)
+                    state.record(index, reward, status, error, cpu_seconds)
                     worker.item_started_at = time.monotonic()
         except (EOFError, OSError):
             pass  # the worker died; handled below
