@@ -369,15 +369,26 @@ def _add_forkserver_preload(context: Any) -> None:
         context.set_forkserver_preload([*modules, _PRELOAD_MODULE])
 
 
-def _kill_worker(worker: _Worker) -> None:
-    if worker.process.is_alive():
+def _unpicklable_item(chunk: list[_Item]) -> str:
+    """Names the first item of ``chunk`` whose response or spec does not pickle."""
+    for item in chunk:
         try:
-            if worker.process_group is not None and worker.process_group == worker.process.pid:
-                os.killpg(worker.process_group, signal.SIGKILL)
-            else:
-                worker.process.kill()
-        except (ProcessLookupError, PermissionError):
-            pass
+            pickle.dumps((item.response, item.spec))
+        except Exception:
+            return f"item {item.index} ({item.domain}): its response or spec"
+    return "an item"
+
+
+def _kill_worker(worker: _Worker) -> None:
+    """SIGKILLs the worker and, if it leads its own process group, whatever it started that is still there."""
+    try:
+        if worker.process_group is not None and worker.process_group == worker.process.pid:
+            # Also when the worker itself is gone: processes it started may survive it in its group.
+            os.killpg(worker.process_group, signal.SIGKILL)
+        elif worker.process.is_alive():
+            worker.process.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
     worker.process.join(timeout=5.0)
     worker.connection.close()
 
@@ -535,7 +546,7 @@ class RewardPool:
                 worker.connection.send(("items", payload))
             except (pickle.PicklingError, TypeError, AttributeError) as error:
                 pending.extendleft(reversed(chunk))
-                raise ValueError(f"an item of this chunk cannot be sent to a worker: {error}") from error
+                raise ValueError(f"{_unpicklable_item(chunk)} cannot be sent to a worker: {error}") from error
             except (OSError, ValueError):  # the worker is gone; its replacement gets the chunk
                 pending.extendleft(reversed(chunk))
                 self._replace(slot, None, pending)

@@ -136,6 +136,10 @@ def test_bad_batches_raise_clear_errors(pool):
         pool.score(["a", "b"], [{}, {}], ["mcqa", "mcqa"], truncated=[True])
     with pytest.raises(ValueError, match="truncated must be booleans"):
         pool.score(["a", "b"], [{}, {}], ["mcqa", "mcqa"], truncated=["length", "stop"])
+    with pytest.raises(ValueError, match=r"item 1 \(mcqa\): its response or spec"):
+        pool.score(["a", "b"], [{"expected_answer": "A"}, {"expected_answer": "A", "hook": lambda: 0}], ["mcqa"] * 2)
+    rewards, _ = pool.score(["Answer: A"], [{"expected_answer": "A"}], ["mcqa"])  # still usable
+    assert rewards.tolist() == [1.0]
     register_reward("test_lambda", lambda response, spec: 1.0)
     try:
         with pytest.raises(ValueError, match="test_lambda.*top level"):
