@@ -113,8 +113,14 @@ def _mcqa_rollout(rng: random.Random, prompt: tuple[str, str]) -> str:
     return _thinking(rng) + _prose(rng, rng.randint(1, 6)) + "\n" + template.format(chosen)
 
 
-_IF_IDS = ["punctuation:no_comma", "detectable_format:title", "detectable_content:postscript",
-           "length_constraints:number_words", "language:response_language", "length_constraints:number_sentences"]  # fmt: skip
+_IF_IDS = [
+    "punctuation:no_comma",
+    "detectable_format:title",
+    "detectable_content:postscript",
+    "length_constraints:number_words",
+    "language:response_language",
+    "length_constraints:number_sentences",
+]
 _IF_KWARGS = [None, {}, {"postscript_marker": "P.S."}, {"num_words": 20, "relation": "at least"},
               {"language": "en"}, {"num_sentences": 40, "relation": "less than"}]  # fmt: skip
 
@@ -233,7 +239,9 @@ def main(argv: list[str]) -> None:
 
     load_at_start = os.getloadavg()
     in_process, serial_rewards = _in_process(warm_up_batch, timed_batches, domain_batch)
-    (one_worker, all_workers), (one_rewards, all_rewards) = _compare_pools((1, max_workers), warm_up_batch, timed_batches)
+    (one_worker, all_workers), (one_rewards, all_rewards) = _compare_pools(
+        (1, max_workers), warm_up_batch, timed_batches
+    )
     assert one_rewards == serial_rewards == all_rewards, "configurations disagree"
     pair_speedups = [one / every for one, every in zip(one_worker["batch_s"], all_workers["batch_s"])]
 

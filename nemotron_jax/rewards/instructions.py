@@ -41,7 +41,8 @@ def register_instruction(instruction_id: str, *, overwrite: bool = False):
         if instruction_id in INSTRUCTION_CHECKERS and not overwrite:
             raise ValueError(f"instruction id {instruction_id!r} is already registered")
         parameters = list(inspect.signature(check).parameters.values())
-        if not parameters or parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if not parameters or parameters[0].kind not in positional:
             raise TypeError(f"checker for {instruction_id!r} must take the answer text as its first argument")
         names = tuple(parameter.name for parameter in parameters[1:] if parameter.kind == parameter.KEYWORD_ONLY)
         INSTRUCTION_CHECKERS[instruction_id] = InstructionChecker(instruction_id, check, names)

@@ -40,6 +40,8 @@ def _drop_trailing_words(text: str) -> str:
     if kept == len(tokens) or tokens[kept - 1][-1:] not in tuple("0123456789}"):
         return text
     return " ".join(tokens[:kept])
+
+
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 

@@ -209,7 +209,9 @@ def code_item_timeout(spec: Mapping[str, Any]) -> float:
 
 
 def _register_builtins() -> None:
-    register_reward("math", math_spec_reward, timeout_s=30.0, aliases=("math_with_judge", "math_with_judge_simple_agent"))
+    register_reward(
+        "math", math_spec_reward, timeout_s=30.0, aliases=("math_with_judge", "math_with_judge_simple_agent")
+    )
     register_reward("mcqa", mcqa_spec_reward, timeout_s=5.0, aliases=("mcqa_simple_agent",))
     register_reward(
         "instruction_following",
@@ -218,7 +220,9 @@ def _register_builtins() -> None:
         aliases=("instruction_following_simple_agent",),
     )
     register_reward("instruction_following_fraction", instruction_following_fraction_spec_reward, timeout_s=15.0)
-    register_reward("code", code_spec_reward, timeout_s=code_item_timeout, aliases=("code_gen", "code_gen_simple_agent"))
+    register_reward(
+        "code", code_spec_reward, timeout_s=code_item_timeout, aliases=("code_gen", "code_gen_simple_agent")
+    )
 
 
 _register_builtins()

@@ -419,7 +419,7 @@ class RewardPool:
     """
 
     def __init__(
-        self, num_workers: int | None = None, *, start_method: str | None = None, max_chunk_items: int = 8
+        self, num_workers: int | None = None, *, start_method: str | None = None, max_chunk_items: int = 64
     ):
         if num_workers is None:
             num_workers = available_cpus()
@@ -528,8 +528,9 @@ class RewardPool:
             checked.add(item.domain)
 
     def _chunk_size(self, num_pending: int) -> int:
-        # Several chunks per worker keep the tail of the batch balanced; a cap bounds what one crash requeues.
-        return max(1, min(self.max_chunk_items, math.ceil(num_pending / (4 * self.num_workers))))
+        # Guided self-scheduling: big chunks while much is pending (each chunk costs a round trip through this
+        # process, slow when the machine is loaded), shrinking towards the end so the workers finish together.
+        return max(1, min(self.max_chunk_items, math.ceil(num_pending / (2 * self.num_workers))))
 
     def _dispatch(self, pending: collections.deque) -> None:
         for slot, worker in enumerate(self._workers):

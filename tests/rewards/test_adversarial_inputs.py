@@ -59,5 +59,6 @@ def test_degenerate_responses_are_verified_quickly(name):
     math_reward(text, "1")
     mcqa_reward(text, "A")
     mcqa_reward(text, "A", r"Answer\s*:\s*(?!Answer)\s*([A-Za-z])\s*")
-    instruction_following_reward(text, list(IFEVAL_INSTRUCTION_IDS), [KWARGS.get(iid) for iid in IFEVAL_INSTRUCTION_IDS])
+    kwargs = [KWARGS.get(instruction_id) for instruction_id in IFEVAL_INSTRUCTION_IDS]
+    instruction_following_reward(text, list(IFEVAL_INSTRUCTION_IDS), kwargs)
     assert time.process_time() - started < 2.0  # about 0.3 s; a quadratic scan would take minutes

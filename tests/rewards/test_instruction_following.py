@@ -189,7 +189,8 @@ def test_fraction_and_all_followed():
     assert result.fraction == pytest.approx(2 / 3)
     assert not result.all_followed
     assert result.reward("all") == 0.0
-    assert instruction_following_score("<<Night>> The moon, bright.", ids, kwargs, mode="fraction") == pytest.approx(2 / 3)
+    fraction = instruction_following_score("<<Night>> The moon, bright.", ids, kwargs, mode="fraction")
+    assert fraction == pytest.approx(2 / 3)
     assert instruction_following_score("<<Night>> The moon is bright.", ids, kwargs) == 1.0
 
 
@@ -234,6 +235,7 @@ def test_bad_kwargs_raise(ids, kwargs, message):
 
 def test_language_detection_is_deterministic():
     mixed = "Hola amigo. Hello friend. Bonjour ami. Ciao amico."
-    first = instruction_following_reward(mixed, ["language:response_language"], [{"language": "es"}]).followed
+    spanish = {"language": "es"}
+    first = instruction_following_reward(mixed, ["language:response_language"], [spanish]).followed
     for _ in range(5):
-        assert instruction_following_reward(mixed, ["language:response_language"], [{"language": "es"}]).followed == first
+        assert instruction_following_reward(mixed, ["language:response_language"], [spanish]).followed == first

@@ -75,7 +75,7 @@ def mixed_batch():
         {"instruction_id_list": ["punctuation:no_comma", "detectable_format:title"], "kwargs": [None, {}]},
         {"instruction_id_list": ["punctuation:no_comma", "detectable_format:title"], "kwargs": [None, {}]},
     ]
-    domains = ["math", "math_with_judge_simple_agent", "mcqa", "mcqa_simple_agent", "instruction_following", "instruction_following"]
+    domains = ["math", "math_with_judge_simple_agent", "mcqa", "mcqa_simple_agent"] + ["instruction_following"] * 2
     return responses, specs, domains, np.array([1, 0, 1, 0, 1, 0], dtype=np.float32)
 
 
