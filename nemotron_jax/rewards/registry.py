@@ -195,7 +195,7 @@ def code_spec_reward(response: str, spec: Mapping[str, Any]) -> float:
 
     return code_reward(
         program,
-        list(tests),
+        tests,
         timeout_s=float(spec.get("timeout_s") or DEFAULT_CODE_TIMEOUT_S),
         memory_mb=int(spec.get("memory_mb") or DEFAULT_CODE_MEMORY_MB),
     )

@@ -31,9 +31,13 @@ MISBEHAVING_MODULE = textwrap.dedent(
 
     def length_is_even(response, spec):
         return float(len(response) % 2 == 0)
+
+    def sleeping(response, spec):
+        time.sleep(0.5)
+        return 1.0
     """
 )
-MISBEHAVING = ("raising", "hanging", "huge_power", "crashing", "out_of_range", "length_is_even")
+MISBEHAVING = ("raising", "hanging", "huge_power", "crashing", "out_of_range", "length_is_even", "sleeping")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,14 @@ def test_failing_verifiers_do_not_kill_the_batch(pool):
     # The pool is healthy afterwards.
     rewards, stats = pool.score(*mixed_batch()[:3])
     np.testing.assert_array_equal(rewards, mixed_batch()[3])
+
+
+def test_workers_score_items_concurrently(pool):
+    # Items that wait (not compute) show the concurrency whatever else runs on the machine: 4 x 0.5 s on 2
+    # workers take about 1 s, not 2 s.
+    rewards, stats = pool.score(["x"] * 4, [{}] * 4, ["test_sleeping"] * 4)
+    assert rewards.tolist() == [1.0] * 4
+    assert stats.wall_time_s < 1.6
 
 
 def test_bad_batches_raise_clear_errors(pool):
