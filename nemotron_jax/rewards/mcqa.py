@@ -17,7 +17,8 @@ closed):
     2. the last explicit statement ``answer is X`` / ``answer: X`` / ``final choice: X`` /
        ``option selected: X`` / ``correct option is X`` (the words in any case, the letter an upper-case
        letter, optionally in parentheses, bold or ``\\text{}``; "the answer is a bit tricky" is no choice);
-    3. an answer part that consists of the letter alone (``C``, ``(C)``, ``**C.**``).
+    3. an answer part that consists of the letter alone (``C``, ``(C)``, ``**C.**``), or of one line that starts
+       with an upper-case option label (``(C) Paris``, ``C) Paris``, ``C. Paris``).
   A letter that merely appears somewhere in prose is not taken (``A`` and ``I`` are also English words).
 
 The extracted letter counts only if it is one of the allowed letters: the keys of ``options`` when given, else
@@ -40,6 +41,8 @@ _ANSWER_STATEMENT = re.compile(
     re.IGNORECASE,
 )
 _LETTER_ALONE = re.compile(r"^\W*+(?:option\s++)?\(?([A-Za-z])\)?\W*+$", re.IGNORECASE)
+# A one-line answer that starts with an option label: "(C) Paris", "C) Paris", "C. Paris", "C: Paris".
+_LABELLED_LINE = re.compile(r"^\s*+(?:\(([A-Z])\)|([A-Z])[).:])[ \t]++\S[^\n]*+$")
 
 
 def _allowed_letters(options: Sequence[Mapping[str, str]] | Mapping[str, str] | None) -> frozenset[str]:
@@ -93,6 +96,11 @@ def _default_choice(answer: str, allowed: frozenset[str]) -> str | None:
     alone = _LETTER_ALONE.match(unbolded)
     if alone and alone.group(1).upper() in allowed:
         return alone.group(1)
+    labelled = _LABELLED_LINE.match(unbolded.strip())
+    if labelled:
+        letter = labelled.group(1) or labelled.group(2)
+        if letter in allowed:
+            return letter
     return None
 
 

@@ -23,6 +23,9 @@ FINAL_CHOICE = r"Final Choice:\s*([A-Za-z])\s*"
         ("**Answer:** C", "C"),
         ("(C)", "C"),
         ("**D.**", "D"),
+        ("(C) Paris", "C"),
+        ("B. Because of gravity.", "B"),
+        ("A. first\nB. second", None),  # a list of options is not a choice
         ("Answer: A, wait no. Answer: B", "B"),  # the last statement wins
         (r"\boxed{A} ... on reflection \boxed{C}", "C"),
         ("<think>Answer: A</think>Answer: D", "D"),  # only the answer part counts
