@@ -11,7 +11,9 @@ taking turns. Configurations, side by side in one run: in-process (one core, no 
 worker, and a pool of every available CPU. Each scores a warm-up batch (parser caches, ANTLR's DFA), then
 ``--repeats`` different batches; the two pools take turns on each batch, so that a change of load on a shared
 machine hits both alike. Reported per pool: wall time per batch, the verifiers' CPU-seconds per batch and
-``busy_cores`` (CPU-seconds / wall seconds: how many cores the reward step kept busy). Pool start-up (the first
+``busy_cores`` (CPU-seconds / wall seconds: how many cores the reward step kept busy), and
+``machine_busy_cores`` (the same for the whole machine, from /proc/stat: if it exceeds ``busy_cores``, other
+processes were competing for the cores). Pool start-up (the first
 start includes the fork server's imports) is timed separately. All configurations must give the same rewards;
 the script checks.
 """
@@ -162,6 +164,24 @@ def make_batch(size: int, seed: int, rollouts_per_prompt: int = 16) -> tuple[lis
     return responses, specs, domains
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat") as file:
+            fields = [int(value) for value in file.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_cores(before, after, wall_s: float) -> float | None:
+    """Cores the WHOLE machine kept busy (this benchmark and everything else) over ``wall_s`` seconds."""
+    if before is None or after is None:
+        return None
+    return round((after[0] - before[0]) / os.sysconf("SC_CLK_TCK") / wall_s, 2)
+
+
 def _pool_figures(num_workers: int, startup_s: float, warm_up_stats, timed_stats) -> dict:
     seconds = [stats.wall_time_s for stats in timed_stats]
     return {
@@ -190,15 +210,19 @@ def _compare_pools(worker_counts: tuple[int, ...], warm_up_batch, timed_batches)
             startups.append(time.perf_counter() - started)
             warm_ups.append(pool.score(*warm_up_batch).stats)
         timed: list[list] = [[] for _ in pools]
+        machine_busy: list[list[float]] = [[] for _ in pools]
         for batch in timed_batches:
             for position, pool in enumerate(pools):
+                before = _cpu_jiffies()
+                started = time.perf_counter()
                 timed[position].append(pool.score(*batch))
+                machine_busy[position].append(_busy_cores(before, _cpu_jiffies(), time.perf_counter() - started))
     finally:
         for pool in pools:
             pool.close()
     figures = [
-        _pool_figures(count, startup, warm_up, [stats for _, stats in results])
-        for count, startup, warm_up, results in zip(worker_counts, startups, warm_ups, timed)
+        {**_pool_figures(count, startup, warm_up, [stats for _, stats in results]), "machine_busy_cores": busy}
+        for count, startup, warm_up, results, busy in zip(worker_counts, startups, warm_ups, timed, machine_busy)
     ]
     rewards = [[reward for rewards, _ in results for reward in rewards.tolist()] for results in timed]
     return figures, rewards
