@@ -32,14 +32,8 @@ from nemotron_jax.rewards.registry import (
     reward_names,
     unregister_reward,
 )
-from nemotron_jax.rewards.scoring import (
-    RewardPool,
-    ScoredBatch,
-    ScoreStats,
-    available_cpus,
-    score_batch,
-    score_in_process,
-)
+from nemotron_jax.rewards.reward_pool import RewardPool, score_batch
+from nemotron_jax.rewards.scoring import ScoredBatch, ScoreStats, available_cpus, score_in_process
 
 __all__ = [
     "IFEVAL_INSTRUCTION_IDS",

@@ -17,7 +17,7 @@ name (aliases)                spec fields                                       
 ``code_gen_simple_agent``)    program is the last ```python block of the answer.                     per-test limit
 ============================  =====================================================================  =========
 
-The timeout is the scoring pool's per-item wall-clock limit (``nemotron_jax.rewards.scoring``).
+The timeout is the scoring pool's per-item wall-clock limit (``nemotron_jax.rewards.reward_pool``).
 
 The ``code`` entry imports ``nemotron_jax.rewards.code.code_reward`` (the sandbox) when first called, so this
 module works without it. Unknown names raise ``ValueError`` naming the name and listing the known ones.

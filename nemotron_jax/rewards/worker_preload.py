@@ -5,6 +5,6 @@ language profiles (about 3 s together), so that every worker forked from the ser
 shares that memory copy-on-write. Nothing else should import it.
 """
 
-from nemotron_jax.rewards.scoring import warm_up_verifiers
+from nemotron_jax.rewards.reward_pool import warm_up_verifiers
 
 warm_up_verifiers()
