@@ -234,15 +234,28 @@ def check_number_paragraphs(answer: str, *, num_paragraphs: int) -> bool:
     return paragraphs is not None and len(paragraphs) == num_paragraphs
 
 
+# Kana and CJK ideographs: scripts written without spaces between words.
+_SPACELESS_SCRIPT = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
 @register_instruction("length_constraints:nth_paragraph_first_word")
 def check_nth_paragraph_first_word(answer: str, *, num_paragraphs: int, nth_paragraph: int, first_word: str) -> bool:
     """Exactly ``num_paragraphs`` paragraphs separated by blank lines, and paragraph ``nth_paragraph`` (1-based)
-    starts with ``first_word`` (case-insensitive; leading quotes, markdown markers and punctuation ignored)."""
+    starts with ``first_word`` (case-insensitive; leading quotes, markdown markers and punctuation ignored).
+    Chinese and Japanese text has no spaces between words: there the paragraph need only begin with it."""
     paragraphs = [piece.strip() for piece in re.split(r"\n[ \t]*\n", answer) if piece.strip()]
     if len(paragraphs) != num_paragraphs or not 1 <= nth_paragraph <= len(paragraphs):
         return False
-    first = re.search(r"\w+(?:['’]\w+)*", paragraphs[nth_paragraph - 1])
-    return first is not None and first.group(0).lower() == first_word.strip().lower()
+    wanted = first_word.strip().lower()
+    start = re.search(r"\w", paragraphs[nth_paragraph - 1])
+    if start is None:
+        return False
+    text = paragraphs[nth_paragraph - 1][start.start() :].lower()
+    if _SPACELESS_SCRIPT.match(text):
+        return text.startswith(wanted)
+    first = re.match(r"\w+(?:['’]\w+)*", text)
+    return first is not None and first.group(0) == wanted
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

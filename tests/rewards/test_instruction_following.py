@@ -71,6 +71,12 @@ CASES = [
         "Cats are great.\n\nBut dogs disagree.",
     ),
     (
+        "length_constraints:nth_paragraph_first_word",
+        {"num_paragraphs": 2, "nth_paragraph": 1, "first_word": "周末"},
+        "周末我们去公园散步吧。\n\n天气很好。",
+        "我们周末去公园散步吧。\n\n天气很好。",
+    ),
+    (
         "detectable_content:number_placeholders",
         {"num_placeholders": 2},
         "Send it to [name] at [address].",
