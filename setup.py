@@ -24,6 +24,7 @@ RUNTIME_REQUIREMENTS = [
     "tokenizers",  # Hugging Face tokenizer.json, as shipped with the released checkpoints
     "pyarrow",  # Parquet sources
     "math-verify",  # math answer equivalence
+    "langdetect",  # language checks of instruction-following rewards (ships its profiles; no download)
     "tqdm",
 ]
 
