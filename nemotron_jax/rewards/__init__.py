@@ -7,7 +7,9 @@ Every reward is a pure function from a response's text and a spec to a float in 
 * ``mcqa_reward(response, expected_answer, output_regex=None)``: the chosen option letter.
 * ``instruction_following_reward(response, instruction_id_list, kwargs)``: IFEval-family checks; returns an
   ``InstructionFollowingResult`` (``.fraction``, ``.all_followed``); ``instruction_following_score`` is the float.
-* ``code_reward`` (``nemotron_jax.rewards.code``): sandboxed execution against tests.
+* ``code_reward(program, tests, *, timeout_s, memory_mb)``: sandboxed execution against stdin/stdout and
+  function-call tests (``run_sandboxed`` is the sandbox itself; ``sandbox_capabilities`` says what isolation
+  this machine allows).
 
 Verifiers grade the answer part of a response only (after the last ``</think>``; see ``extract_final_answer``).
 The overlong rule (a truncated response gets 0) is applied by the scoring layer: ``score_batch`` /
@@ -16,6 +18,13 @@ The overlong rule (a truncated response gets 0) is applied by the scoring layer:
 """
 
 from nemotron_jax.rewards.answer import extract_final_answer, find_boxed_contents, last_boxed_content, last_code_block
+from nemotron_jax.rewards.code import (
+    CodeTestReport,
+    code_reward,
+    code_reward_batch,
+    extract_code_block,
+    run_code_tests,
+)
 from nemotron_jax.rewards.instruction_following import (
     InstructionFollowingResult,
     instruction_following_reward,
@@ -33,9 +42,19 @@ from nemotron_jax.rewards.registry import (
     unregister_reward,
 )
 from nemotron_jax.rewards.reward_pool import RewardPool, score_batch
+from nemotron_jax.rewards.sandbox import SandboxResult, SandboxStatus, run_sandboxed, sandbox_capabilities
 from nemotron_jax.rewards.scoring import ScoredBatch, ScoreStats, available_cpus, score_in_process
 
 __all__ = [
+    "CodeTestReport",
+    "SandboxResult",
+    "SandboxStatus",
+    "code_reward",
+    "code_reward_batch",
+    "extract_code_block",
+    "run_code_tests",
+    "run_sandboxed",
+    "sandbox_capabilities",
     "IFEVAL_INSTRUCTION_IDS",
     "InstructionFollowingResult",
     "MathVerifyTimeout",

@@ -31,16 +31,14 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nemotron_jax.rewards.answer import last_code_block
 from nemotron_jax.rewards.sandbox import SandboxResult, SandboxStatus, run_sandboxed
 
 FLOAT_REL_TOL = 1e-6
 FLOAT_ABS_TOL = 1e-6
-_PYTHON_FENCE_TAGS = ("python", "py", "python3", "")
-_FENCED_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _SHOWN_CHARS = 500  # how much of expected / actual output a report keeps
 _DEFAULT_WORKERS_PER_CPU = 4
 
@@ -104,9 +102,7 @@ class CodeTestReport:
 
 def extract_code_block(response: str) -> str | None:
     """The last ```python (or ```py, ```python3, untagged) block after the last `</think>`, or None."""
-    text = response.rsplit("</think>", 1)[-1]
-    bodies = [body for tag, body in _FENCED_BLOCK.findall(text) if tag.lower() in _PYTHON_FENCE_TAGS]
-    return bodies[-1] if bodies else None
+    return last_code_block(response.rsplit("</think>", 1)[-1])
 
 
 def program_from_response(response: str) -> str | None:

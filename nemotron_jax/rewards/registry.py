@@ -19,8 +19,7 @@ name (aliases)                spec fields                                       
 
 The timeout is the scoring pool's per-item wall-clock limit (``nemotron_jax.rewards.reward_pool``).
 
-The ``code`` entry imports ``nemotron_jax.rewards.code.code_reward`` (the sandbox) when first called, so this
-module works without it. Unknown names raise ``ValueError`` naming the name and listing the known ones.
+The ``code`` entry runs ``nemotron_jax.rewards.code.code_reward`` (the sandbox). Unknown names raise ``ValueError`` naming the name and listing the known ones.
 ``register_reward`` adds your own entries; for the process-pool scorer a reward function must be picklable,
 that is, defined at the top level of an importable module (``functools.partial`` of one is fine).
 """
@@ -34,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nemotron_jax.rewards.answer import extract_final_answer, last_code_block
+from nemotron_jax.rewards.code import code_reward
 from nemotron_jax.rewards.instruction_following import instruction_following_score
 from nemotron_jax.rewards.math_verifier import math_reward
 from nemotron_jax.rewards.mcqa import mcqa_reward
@@ -191,8 +191,6 @@ def code_spec_reward(response: str, spec: Mapping[str, Any]) -> float:
     program = last_code_block(answer) if answer else None
     if program is None:
         return 0.0
-    from nemotron_jax.rewards.code import code_reward  # the sandbox branch; imported lazily
-
     return code_reward(
         program,
         tests,

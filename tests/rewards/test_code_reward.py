@@ -37,9 +37,9 @@ def test_extract_code_block_takes_the_last_python_block_after_thinking():
         "A C++ version:\n```cpp\nint main() {}\n```\n"
         "Final:\n```py\nprint('final')\n```\nDone."
     )
-    assert extract_code_block(response) == "print('final')\n"
-    assert extract_code_block("```\nprint(1)\n```") == "print(1)\n"  # untagged counts
-    assert extract_code_block("```Python3 \nprint(2)\n```") == "print(2)\n"
+    assert extract_code_block(response) == "print('final')"  # the newline before the fence is not kept
+    assert extract_code_block("```\nprint(1)\n```") == "print(1)"  # untagged counts
+    assert extract_code_block("```Python3 \nprint(2)\n```") == "print(2)"
     assert extract_code_block("<think>```python\nprint(1)\n```</think> no code") is None
     assert extract_code_block("```cpp\nint main() {}\n```") is None
     assert extract_code_block("```python\nprint('unterminated')\n") is None

@@ -48,22 +48,15 @@ def test_spec_adapters():
         compute_reward("math", r"\boxed{1}", {"question": "?"})
 
 
-def test_code_entry_extracts_the_program_and_calls_the_sandbox(monkeypatch):
-    calls = []
-
-    def fake_code_reward(program, tests, *, timeout_s, memory_mb):
-        calls.append((program, tests, timeout_s, memory_mb))
-        return 1.0
-
-    # Stands in for nemotron_jax.rewards.code (the sandbox branch), to test this adapter on its own.
-    monkeypatch.setitem(sys.modules, "nemotron_jax.rewards.code", types.SimpleNamespace(code_reward=fake_code_reward))
+def test_code_entry_runs_the_answer_program_in_the_sandbox():
+    # The reasoning's draft would fail; the answer's block echoes its input and passes.
     response = "<think>```python\nprint('draft')\n```</think>Here:\n```python\nprint(input())\n```"
-    spec = {"tests": [{"input": "1\n", "output": "1\n"}], "timeout_s": 2}
+    spec = {"tests": [{"input": "1\n", "output": "1\n"}, {"input": "x\n", "output": "x"}], "timeout_s": 2}
     assert compute_reward("code_gen", response, spec) == 1.0
-    assert calls == [("print(input())", [{"input": "1\n", "output": "1\n"}], 2.0, 1024)]
-    assert compute_reward("code", "no code block", spec) == 0.0  # no program: the sandbox is not called
-    assert len(calls) == 1
-    assert get_reward("code").timeout_for(spec) == pytest.approx(32.0)
+    assert compute_reward("code", response.replace("print(input())", "print('1')"), spec) == 0.0
+    assert compute_reward("code", "no code block", spec) == 0.0  # no program at all
+    assert compute_reward("code", "<think>```python\nprint(input())\n```", spec) == 0.0  # unfinished thinking
+    assert get_reward("code").timeout_for(spec) == pytest.approx(34.0)
 
 
 def test_user_registration_and_removal():
