@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
 
         reference = NemotronHForCausalLM.from_pretrained(checkpoint).eval()
         with torch.no_grad():
-            want = reference(torch.tensor([prompt.token_ids])).logits.numpy()
+            want = reference(torch.from_numpy(np.asarray([prompt.token_ids], np.int64))).logits.numpy()
         got = np.asarray(nj.NemotronH(cfg).apply({"params": params}, np.asarray([prompt.token_ids], np.int32)))
         print(f"5. logits vs transformers: max |diff| = {np.abs(got - want).max():.2e} "
               f"(max |logit| {np.abs(want).max():.2f})")
