@@ -250,7 +250,9 @@ def load_hf(
         done += 1
         mapping, expert = by_hf_name[info.name]
         target = abstract[mapping.path]
-        value = mapping.from_hf(array).astype(target.dtype)
+        # A view where no cast is needed: the only copies are the one read from disk and the placed array.
+        value = mapping.from_hf(array).astype(target.dtype, copy=False)
+        del array
         if mapping.stacked:
             buffer, seen = filling.setdefault(mapping.path, (np.empty(target.shape, target.dtype), set()))
             buffer[expert] = value
