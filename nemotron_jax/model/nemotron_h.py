@@ -63,6 +63,8 @@ class NemotronH(nn.Module):
 
     `model.apply({"params": params}, tokens, segment_ids=None)` -> float32 logits [B, T, V].
     Packed rows: `segment_ids` int [B, T]; tokens interact only within a contiguous run of one id.
+    `positions` [B, T] is accepted (packers produce it) and checked for shape, but the architecture has no
+    positional encoding: order comes from causality and the Mamba recurrence alone.
     Other entry points (use with `method=`): `hidden_states`, `logits_from_hidden`, `forward_cached`.
     """
 
@@ -80,15 +82,18 @@ class NemotronH(nn.Module):
                                 kernel_init=nn.initializers.normal(cfg.initializer_range))
 
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 expert_ids: dict[str, jax.Array] | None = None) -> jax.Array:
-        return self.logits_from_hidden(self.hidden_states(tokens, segment_ids, expert_ids))
+                 positions: jax.Array | None = None, expert_ids: dict[str, jax.Array] | None = None) -> jax.Array:
+        return self.logits_from_hidden(self.hidden_states(tokens, segment_ids, positions, expert_ids))
 
     def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None,
                       expert_ids: dict[str, jax.Array] | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, D] (compute dtype), e.g. for chunked log-probs.
 
         `expert_ids` maps "layers_{i}" of MoE layers to recorded routing int32 [B*T, k] to replay.
         """
+        if positions is not None and positions.shape != tokens.shape:
+            raise ValueError(f"positions has shape {positions.shape}, expected {tokens.shape} like the tokens")
         run_ids = contiguous_run_ids(segment_ids, tokens.shape)
         hidden = self.embeddings(tokens)
         for index, layer in enumerate(self.layers):

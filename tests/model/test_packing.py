@@ -68,7 +68,8 @@ def test_packed_batches_from_the_data_pipeline(tmp_path, jit_apply):
     cfg = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size)
     params = nj.init_params(cfg, jax.random.key(2))
     apply = jit_apply(cfg)
-    packed = np.asarray(apply({"params": params}, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])))
+    packed = np.asarray(apply({"params": params}, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
+                              jnp.asarray(batch["positions"])))
     checked = 0
     for row in range(batch["tokens"].shape[0]):
         for segment in range(1, int(batch["segment_ids"][row].max()) + 1):
