@@ -267,7 +267,7 @@ def load_hf(
     return cfg, traverse_util.unflatten_dict(params)
 
 
-def hf_tensors(cfg: ModelConfig, params: Any, mappings: list[TensorMapping]) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(params: Any, mappings: list[TensorMapping]) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (HF name, host array) one tensor at a time."""
     flat = traverse_util.flatten_dict(params)
     for mapping in mappings:
@@ -327,7 +327,7 @@ def save_hf(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
     try:
-        tensors = hf_tensors(cfg, params, mappings)
+        tensors = hf_tensors(params, mappings)
         weight_map = {}
         done = 0
         for shard_names, file_name in zip(shards, file_names):

@@ -53,7 +53,6 @@ def test_load_hf_streams_tensor_by_tensor(tmp_path):
     """Host memory while loading stays near one parameter array, far below the checkpoint size."""
     cfg = nj.ModelConfig.preset("tiny", vocab_size=4096, n_routed_experts=16, moe_intermediate_size=256)
     import jax
-    import jax.numpy as jnp
 
     params = nj.init_params(cfg, jax.random.key(0))
     nj.save_hf(cfg, params, str(tmp_path / "ckpt"))

@@ -1,8 +1,5 @@
 """The reward registry: built-in names and aliases, spec adapters, user entries, unknown names."""
 
-import sys
-import types
-
 import pytest
 
 from nemotron_jax.rewards import compute_reward, get_reward, register_reward, reward_names, unregister_reward
