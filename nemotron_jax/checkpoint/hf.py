@@ -20,14 +20,13 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from nemotron_jax.checkpoint.atomic import atomic_directory
 from nemotron_jax.checkpoint.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -54,6 +53,7 @@ class TensorMapping:
     """
 
     path: ParamPath
+    param: jax.ShapeDtypeStruct  # shape and dtype of the parameter
     hf_names: tuple[str, ...]
     hf_shape: tuple[int, ...]
     to_hf: Callable[[np.ndarray], np.ndarray]
@@ -98,9 +98,8 @@ def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts
     mappings: list[TensorMapping] = []
 
     def add(path: ParamPath, hf_name: str, to_hf=_identity, from_hf=_identity):
-        shape = tuple(shapes[path].shape)
-        hf_shape = tuple(to_hf(np.empty(shape, np.int8)).shape)
-        mappings.append(TensorMapping(path, (hf_name,), hf_shape, to_hf, from_hf))
+        hf_shape = tuple(to_hf(np.empty(shapes[path].shape, np.int8)).shape)
+        mappings.append(TensorMapping(path, shapes[path], (hf_name,), hf_shape, to_hf, from_hf))
 
     def linear(path: ParamPath, hf_module: str, bias: bool):
         add(path + ("kernel",), hf_module + ".weight", _transpose_last2, _transpose_last2)
@@ -113,7 +112,8 @@ def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts
             add(path, f"{hf_module}.experts.{name}", _transpose_last2, _transpose_last2)
         else:
             names = tuple(f"{hf_module}.experts.{e}.{name}.weight" for e in range(shape[0]))
-            mappings.append(TensorMapping(path, names, (shape[2], shape[1]), _transpose_last2, _transpose_last2))
+            mappings.append(TensorMapping(path, shapes[path], names, (shape[2], shape[1]), _transpose_last2,
+                                          _transpose_last2))
 
     add(("embeddings", "embedding"), f"{prefix}{embedding_name}.weight")
     for index, char in enumerate(cfg.layer_pattern):
@@ -154,12 +154,11 @@ def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts
     return mappings
 
 
-def _detect_layout(names: set[str], cfg: ModelConfig) -> dict[str, Any]:
+def _detect_layout(names: set[str]) -> dict[str, Any]:
+    """The naming scheme, expert layout and embedding name that a checkpoint's tensor names use."""
     scheme = "model" if any(n.startswith("model.") for n in names) else "backbone"
     fused = any(".mixer.experts.up_proj" in n and not n.endswith(".weight") for n in names)
     embedding = "embedding" if f"{scheme}.embedding.weight" in names else "embeddings"
-    if "E" not in cfg.layer_pattern:
-        fused = scheme == "model"
     return {"scheme": scheme, "fused_experts": fused, "embedding_name": embedding}
 
 
@@ -174,7 +173,7 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 ShardingSpec = Any  # a Sharding, a params-shaped pytree of Shardings, or a callable (path, shape) -> Sharding
 
 
-def _sharding_lookup(shardings: ShardingSpec) -> Callable[[ParamPath, tuple[int, ...]], Any]:
+def sharding_lookup(shardings: ShardingSpec) -> Callable[[ParamPath, tuple[int, ...]], Any]:
     if shardings is None:
         return lambda path, shape: None
     if isinstance(shardings, jax.sharding.Sharding):
@@ -214,8 +213,8 @@ def load_hf(
     Raises:
       CheckpointError: a missing, unexpected or wrongly shaped tensor (named, with both shapes).
     """
-    hf_config = read_hf_config(directory)
-    cfg = config or ModelConfig.from_hf_config(hf_config, **({"param_dtype": param_dtype} if param_dtype else {}))
+    cfg = config or ModelConfig.from_hf_config(read_hf_config(directory),
+                                               **({"param_dtype": param_dtype} if param_dtype else {}))
     files = checkpoint_files(directory)
     stored = {info.name: info for path in files for info in read_header(path)}
     ignored = {name for name in stored if any(re.search(pattern, name) for pattern in ignore_tensors)}
@@ -223,7 +222,7 @@ def load_hf(
         logging.getLogger(__name__).warning("load_hf: skipping %d tensors matching %s (e.g. %s)", len(ignored),
                                             ignore_tensors, sorted(ignored)[0])
         stored = {name: info for name, info in stored.items() if name not in ignored}
-    layout = _detect_layout(set(stored), cfg)
+    layout = _detect_layout(set(stored))
     mappings = tensor_mappings(cfg, **layout)
     by_hf_name = {name: (mapping, i) for mapping in mappings for i, name in enumerate(mapping.hf_names)}
     expected_names = set(by_hf_name)
@@ -241,15 +240,14 @@ def load_hf(
             raise CheckpointError(f"{directory}: tensor {name} has shape {tuple(info.shape)}, expected "
                                   f"{mapping.hf_shape} (from config.json)")
 
-    abstract = traverse_util.flatten_dict(abstract_params(cfg))
-    sharding_of = _sharding_lookup(shardings)
+    sharding_of = sharding_lookup(shardings)
     filling: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
     params: dict[ParamPath, jax.Array] = {}
     done = 0
     for info, array in iterate_tensors(files, skip=ignored):
         done += 1
         mapping, expert = by_hf_name[info.name]
-        target = abstract[mapping.path]
+        target = mapping.param
         # A view where no cast is needed: the only copies are the one read from disk and the placed array.
         value = mapping.from_hf(array).astype(target.dtype, copy=False)
         del array
@@ -271,8 +269,6 @@ def hf_tensors(params: Any, mappings: list[TensorMapping]) -> Iterator[tuple[str
     """Yields (HF name, host array) one tensor at a time."""
     flat = traverse_util.flatten_dict(params)
     for mapping in mappings:
-        if mapping.path not in flat:
-            raise CheckpointError(f"params has no entry {'/'.join(mapping.path)}")
         value = flat[mapping.path]
         if mapping.stacked:
             for expert, name in enumerate(mapping.hf_names):
@@ -299,34 +295,28 @@ def save_hf(
     format with one tensor per expert) or "model" (fused expert tensors).
     """
     flat = traverse_util.flatten_dict(params)
-    expected = traverse_util.flatten_dict(abstract_params(cfg))
-    for path, target in expected.items():
-        if path not in flat:
-            raise CheckpointError(f"params has no entry {'/'.join(path)}")
-        if tuple(flat[path].shape) != tuple(target.shape):
-            raise CheckpointError(f"params entry {'/'.join(path)} has shape {tuple(flat[path].shape)}, expected "
-                                  f"{tuple(target.shape)} for this config")
-    extra = sorted('/'.join(p) for p in set(flat) - set(expected))
+    mappings = tensor_mappings(cfg, scheme)
+    for mapping in mappings:
+        if mapping.path not in flat:
+            raise CheckpointError(f"params has no entry {'/'.join(mapping.path)}")
+        if tuple(flat[mapping.path].shape) != tuple(mapping.param.shape):
+            raise CheckpointError(f"params entry {'/'.join(mapping.path)} has shape "
+                                  f"{tuple(flat[mapping.path].shape)}, expected {tuple(mapping.param.shape)} "
+                                  "for this config")
+    extra = sorted('/'.join(p) for p in set(flat) - {mapping.path for mapping in mappings})
     if extra:
         raise CheckpointError(f"params has entries the config does not define: {extra}")
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
 
-    mappings = tensor_mappings(cfg, scheme)
     sizes = []
     for mapping in mappings:
         itemsize = np.dtype(flat[mapping.path].dtype).itemsize
-        for _ in mapping.hf_names:
-            sizes.append(int(np.prod(mapping.hf_shape)) * itemsize)
+        sizes.extend([int(np.prod(mapping.hf_shape)) * itemsize] * len(mapping.hf_names))
     names = [name for mapping in mappings for name in mapping.hf_names]
     shards = plan_shards(list(zip(names, sizes)), max_shard_bytes)
     file_names = ([SINGLE_FILE] if len(shards) == 1 else
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    try:
+    with atomic_directory(directory, overwrite=overwrite) as staging:
         tensors = hf_tensors(params, mappings)
         weight_map = {}
         done = 0
@@ -347,13 +337,3 @@ def save_hf(
                 json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(cfg.to_hf_config(), f, indent=2)
-        previous = None
-        if os.path.exists(directory):  # overwrite: move the old checkpoint aside until the new one is in place
-            previous = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rename(directory, os.path.join(previous, "checkpoint"))
-        os.rename(staging, directory)
-        if previous is not None:
-            shutil.rmtree(previous)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

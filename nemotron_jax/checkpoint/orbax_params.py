@@ -14,15 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from nemotron_jax.checkpoint.hf import ShardingSpec, _sharding_lookup
+from nemotron_jax.checkpoint.atomic import atomic_directory
+from nemotron_jax.checkpoint.hf import ShardingSpec, sharding_lookup
 from nemotron_jax.checkpoint.safetensors_io import CheckpointError
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.params import abstract_params
@@ -33,25 +32,13 @@ PARAMS_DIR = "params"
 
 def save_params(cfg: ModelConfig, params: Any, directory: str, *, overwrite: bool = False) -> None:
     """Writes `params` (any sharding) and `cfg` to `directory` (created; must not exist unless overwrite)."""
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
-    try:
+    with atomic_directory(directory, overwrite=overwrite) as staging:
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
         checkpointer.wait_until_finished()
         checkpointer.close()
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def load_config(directory: str) -> ModelConfig:
@@ -70,7 +57,7 @@ def load_config(directory: str) -> ModelConfig:
 def restore_params(directory: str, *, shardings: ShardingSpec = None) -> tuple[ModelConfig, Any]:
     """Reads a directory written by `save_params`; `shardings` as in `load_hf` (default: default device)."""
     cfg = load_config(directory)
-    sharding_of = _sharding_lookup(shardings)
+    sharding_of = sharding_lookup(shardings)
     flat = traverse_util.flatten_dict(abstract_params(cfg))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = traverse_util.unflatten_dict({
