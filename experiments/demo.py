@@ -35,18 +35,14 @@ _CORPUS = [
 
 
 def _write_transformers_checkpoint(directory: str, vocab_size: int) -> None:
-    """A random tiny NemotronHForCausalLM saved by transformers itself (the released on-disk format)."""
+    """A random tiny NemotronHForCausalLM (the `tiny` preset) saved by transformers itself, in the released
+    on-disk format."""
     import torch
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     torch.manual_seed(0)
-    hf_config = NemotronHConfig(
-        vocab_size=vocab_size, hidden_size=64, hybrid_override_pattern="M*EM-E", num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16,
-        ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=16, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=32, moe_shared_expert_intermediate_size=64, routed_scaling_factor=2.5,
-        eos_token_id=3, pad_token_id=0, bos_token_id=2)
-    NemotronHForCausalLM(hf_config).save_pretrained(directory)
+    cfg = nj.ModelConfig.preset("tiny", vocab_size=vocab_size, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    NemotronHForCausalLM(NemotronHConfig(**cfg.to_hf_config())).save_pretrained(directory)
 
 
 def main(argv: list[str]) -> None:
