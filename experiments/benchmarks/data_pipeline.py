@@ -90,8 +90,7 @@ def _run_pipeline(source, tokenizer, config, max_batches=None):
             break
     seconds = time.perf_counter() - start
     stats = iterator.stats
-    if hasattr(iterator, "close"):
-        iterator.close()
+    iterator.close()
     return {
         "seconds": round(seconds, 3),
         "first_batch_seconds": round(first or 0.0, 3),

@@ -336,11 +336,12 @@ def render_chat_segments(
 
     segments: list[ChatSegment] = []
 
-    def emit(text: str, trained: bool = False) -> None:
-        if segments and segments[-1].trained == trained and not trained:
-            segments[-1] = ChatSegment(segments[-1].text + text, False)  # merge context text
+    def emit(text: str) -> None:
+        """Appends context (untrained) text, merged into a preceding context segment."""
+        if segments and not segments[-1].trained:
+            segments[-1] = ChatSegment(segments[-1].text + text, False)
         else:
-            segments.append(ChatSegment(text, trained))
+            segments.append(ChatSegment(text, False))
 
     system_text = system_prompt
     if tools:

@@ -204,12 +204,10 @@ def pack_examples(
         kept_indices.append(index)
     local_rows = assign_rows([len(e) for e in fitted], row_length, strategy=strategy, sort_by_length=sort_by_length)
     batch = build_packed_rows(fitted, local_rows, row_length, pad_id=pad_id)
-    slots = len(local_rows) * row_length
-    padding = int((batch["segment_ids"] == 0).sum())
     return PackResult(
         batch=batch,
         rows=[[kept_indices[i] for i in row] for row in local_rows],
-        padding_fraction=padding / slots if slots else 0.0,
+        padding_fraction=padding_fraction(batch),
         num_truncated=num_truncated,
         num_skipped=num_skipped,
     )

@@ -104,15 +104,6 @@ def record_indices(
     return indices[shard_index::shard_count]
 
 
-def _to_iter(dataset: grain.MapDataset, num_threads: int, prefetch_buffer_size: int, worker_count: int):
-    iterable = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    )
-    if worker_count > 0:
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iterable
-
-
 def _check_policy(on_bad_record: str) -> None:
     if on_bad_record not in ("raise", "skip"):
         raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
@@ -148,10 +139,50 @@ class _ReadAndConvert:
             return BadRecord(error.ref, str(error))
 
 
-def _note_bad_record(counter_owner: Any, record: BadRecord) -> None:
-    if counter_owner._bad_logged < _LOGGED_BAD_RECORDS:
-        counter_owner._bad_logged += 1
-        _LOG.warning("skipping bad record: %s", record.error)
+def _converted_records(
+    source: RecordSource,
+    convert: _ReadAndConvert,
+    config: SFTDataConfig | RLDataConfig,
+    shard_index: int | None,
+    shard_count: int | None,
+) -> grain.IterDataset:
+    """The front both pipelines share: this shard's record indices, mapped through `convert` on Grain's reader
+    threads (and worker processes when `config.worker_count > 0`)."""
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    indices = record_indices(
+        len(source),
+        seed=config.seed,
+        shuffle=config.shuffle,
+        num_epochs=config.num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    converted = indices.map(convert).to_iter_dataset(
+        grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)
+    )
+    if config.worker_count > 0:
+        converted = converted.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    return converted
+
+
+class _CountingIterator(grain.DatasetIterator):
+    """What the two batch iterators share: `stats`, a dataclass of int counters saved and restored with the
+    state, and the counting (and logging of the first few) of skipped bad records."""
+
+    def __init__(self, parent: grain.DatasetIterator, stats: PackingStats | RLPromptStats):
+        super().__init__(parent)
+        self.stats = stats
+        self._bad_logged = 0
+
+    def _skip_bad_record(self, record: BadRecord) -> None:
+        self.stats.bad_records_skipped += 1
+        if self._bad_logged < _LOGGED_BAD_RECORDS:
+            self._bad_logged += 1
+            _LOG.warning("skipping bad record: %s", record.error)
+
+    def _restore_stats(self, saved: dict[str, Any]) -> None:
+        names = [field.name for field in dataclasses.fields(self.stats)]
+        self.stats = type(self.stats)(**{name: int(saved[name]) for name in names})
 
 
 # ------------------------------------------------------------------------------------------------------ SFT
@@ -227,19 +258,6 @@ class TokenizeSFTRecord(_ReadAndConvert):
         return TokenizedExample(rendered.token_ids, rendered.loss_mask, record.ref)
 
 
-_SFT_COUNTERS = (
-    "examples",
-    "rows",
-    "batches",
-    "real_tokens",
-    "padding_tokens",
-    "trained_tokens",
-    "truncated_examples",
-    "skipped_overlong_examples",
-    "bad_records_skipped",
-)
-
-
 @dataclasses.dataclass
 class PackingStats:
     """Counters of a packed SFT iterator (restored with its state).
@@ -263,9 +281,7 @@ class PackingStats:
         return self.padding_tokens / slots if slots else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        values: dict[str, float] = {name: getattr(self, name) for name in _SFT_COUNTERS}
-        values["padding_fraction"] = self.padding_fraction
-        return values
+        return {**dataclasses.asdict(self), "padding_fraction": self.padding_fraction}
 
 
 class PackedSFTBatches(grain.IterDataset):
@@ -289,20 +305,18 @@ class PackedSFTBatches(grain.IterDataset):
         return f"PackedSFTBatches(row_length={self._config.row_length}, batch_size={self._config.batch_size})"
 
 
-class PackedSFTBatchIterator(grain.DatasetIterator):
+class PackedSFTBatchIterator(_CountingIterator):
     """Iterator of `PackedSFTBatches`. `stats` (a `PackingStats`) has the padding fraction and counters."""
 
     def __init__(self, parent: grain.DatasetIterator, config: SFTDataConfig, pad_id: int):
-        super().__init__(parent)
+        super().__init__(parent, PackingStats())
         self._config = config
         self._pad_id = pad_id
-        self.stats = PackingStats()
         self._rows: list[dict[str, np.ndarray]] = []  # rows of the current window, in emission order
         self._next_row = 0
         self._window_index = 0  # number of the next window to pack
         self._window_parent_state: Any = None
         self._exhausted = False
-        self._bad_logged = 0
 
     @property
     def padding_fraction(self) -> float:
@@ -323,8 +337,7 @@ class PackedSFTBatchIterator(grain.DatasetIterator):
             pulled += 1
             if isinstance(item, BadRecord):
                 if count:
-                    self.stats.bad_records_skipped += 1
-                    _note_bad_record(self, item)
+                    self._skip_bad_record(item)
                 continue
             fitted = fit_to_row(item, config.row_length, config.on_overlong)
             if fitted is None:
@@ -390,7 +403,7 @@ class PackedSFTBatchIterator(grain.DatasetIterator):
             "window_index": self._window_index - 1 if pending else self._window_index,
             "rows_emitted": self._next_row if pending else 0,
             "exhausted": self._exhausted and not pending,
-            "stats": {name: getattr(self.stats, name) for name in _SFT_COUNTERS},
+            "stats": dataclasses.asdict(self.stats),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -404,7 +417,7 @@ class PackedSFTBatchIterator(grain.DatasetIterator):
             if state["rows_emitted"] > len(self._rows):
                 raise ValueError("state does not match this pipeline: fewer rows in the window than emitted")
             self._next_row = int(state["rows_emitted"])
-        self.stats = PackingStats(**{name: int(state["stats"][name]) for name in _SFT_COUNTERS})
+        self._restore_stats(state["stats"])
 
     def __str__(self) -> str:
         return "PackedSFTBatchIterator"
@@ -437,15 +450,6 @@ def sft_dataset(
         raise ValueError(f"on_overlong must be 'raise', 'truncate' or 'skip', got {config.on_overlong!r}")
     if config.train_on not in ("final", "all"):
         raise ValueError(f"train_on must be 'final' or 'all', got {config.train_on!r}")
-    shard_index, shard_count = resolve_shard(shard_index, shard_count)
-    indices = record_indices(
-        len(source),
-        seed=config.seed,
-        shuffle=config.shuffle,
-        num_epochs=config.num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-    )
     tokenize = TokenizeSFTRecord(
         source,
         tokenizer,
@@ -453,7 +457,7 @@ def sft_dataset(
         train_on=config.train_on,
         on_bad_record=config.on_bad_record,
     )
-    examples = _to_iter(indices.map(tokenize), config.num_threads, config.prefetch_buffer_size, config.worker_count)
+    examples = _converted_records(source, tokenize, config, shard_index, shard_count)
     pad_id = tokenizer.pad_id if config.pad_id is None else config.pad_id
     return PackedSFTBatches(examples, config, pad_id)
 
@@ -599,9 +603,6 @@ class PrepareRLPrompt(_ReadAndConvert):
         )
 
 
-_RL_COUNTERS = ("prompts", "batches", "bad_records_skipped", "skipped_overlong_prompts")
-
-
 @dataclasses.dataclass
 class RLPromptStats:
     """Counters of an RL prompt iterator (restored with its state)."""
@@ -612,7 +613,7 @@ class RLPromptStats:
     skipped_overlong_prompts: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in _RL_COUNTERS}
+        return dataclasses.asdict(self)
 
 
 class RLPromptBatches(grain.IterDataset):
@@ -629,14 +630,12 @@ class RLPromptBatches(grain.IterDataset):
         return f"RLPromptBatches(batch_size={self._config.batch_size})"
 
 
-class RLPromptBatchIterator(grain.DatasetIterator):
+class RLPromptBatchIterator(_CountingIterator):
     """Iterator of `RLPromptBatches`; `stats` is an `RLPromptStats`."""
 
     def __init__(self, parent: grain.DatasetIterator, config: RLDataConfig):
-        super().__init__(parent)
+        super().__init__(parent, RLPromptStats())
         self._config = config
-        self.stats = RLPromptStats()
-        self._bad_logged = 0
 
     def __next__(self) -> RLPromptBatch:
         prompts: list[RLPrompt] = []
@@ -646,8 +645,7 @@ class RLPromptBatchIterator(grain.DatasetIterator):
             except StopIteration:
                 break
             if isinstance(item, BadRecord):
-                self.stats.bad_records_skipped += 1
-                _note_bad_record(self, item)
+                self._skip_bad_record(item)
             elif isinstance(item, _OverlongPrompt):
                 self.stats.skipped_overlong_prompts += 1
             else:
@@ -663,7 +661,7 @@ class RLPromptBatchIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(copy.deepcopy(state["parent"]))
-        self.stats = RLPromptStats(**{name: int(state["stats"][name]) for name in _RL_COUNTERS})
+        self._restore_stats(state["stats"])
 
     def __str__(self) -> str:
         return "RLPromptBatchIterator"
@@ -688,19 +686,5 @@ def rl_prompt_dataset(
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.on_overlong not in ("raise", "skip"):
         raise ValueError(f"on_overlong must be 'raise' or 'skip', got {config.on_overlong!r}")
-    shard_index, shard_count = resolve_shard(shard_index, shard_count)
-    indices = record_indices(
-        len(source),
-        seed=config.seed,
-        shuffle=config.shuffle,
-        num_epochs=config.num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-    )
-    prompts = _to_iter(
-        indices.map(PrepareRLPrompt(source, tokenizer, config)),
-        config.num_threads,
-        config.prefetch_buffer_size,
-        config.worker_count,
-    )
+    prompts = _converted_records(source, PrepareRLPrompt(source, tokenizer, config), config, shard_index, shard_count)
     return RLPromptBatches(prompts, config)

@@ -148,8 +148,8 @@ class JsonlSource:
 
     def __getitem__(self, index: int) -> SourceRecord:
         index = int(index)
-        ref = self.ref(index) if 0 <= index < len(self) else None
-        raw = self.read_line(index)
+        raw = self.read_line(index)  # raises IndexError out of range
+        ref = self.ref(index)
         try:
             fields = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
