@@ -416,8 +416,7 @@ def _launch(config, env, status: Status) -> int:
         if int(config["uid"]) >= 0:
             mechanisms.add("unprivileged_uid")
         mechanisms.add("no_new_privs")
-        config["iso"] = ",".join(sorted(mechanisms))
-        status.send(f"iso {config['iso']}")
+        status.send("iso " + ",".join(sorted(mechanisms)))
         if "pid_namespace" not in mechanisms:
             return _supervise(config, env, status, pid_namespace=False)
         init_pid = os.fork()  # the first child in the new PID namespace is its pid 1

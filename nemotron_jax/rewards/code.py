@@ -34,7 +34,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nemotron_jax.rewards.answer import last_code_block
+from nemotron_jax.rewards.answer import THINK_CLOSE, last_code_block
 from nemotron_jax.rewards.sandbox import SandboxResult, SandboxStatus, run_sandboxed
 
 FLOAT_REL_TOL = 1e-6
@@ -102,15 +102,15 @@ class CodeTestReport:
 
 def extract_code_block(response: str) -> str | None:
     """The last ```python (or ```py, ```python3, untagged) block after the last `</think>`, or None."""
-    return last_code_block(response.rsplit("</think>", 1)[-1])
+    return last_code_block(response.rsplit(THINK_CLOSE, 1)[-1])
 
 
 def program_from_response(response: str) -> str | None:
     """The program to run: the extracted code block, or the whole text when it has no ``` fence at all."""
-    block = extract_code_block(response)
+    text = response.rsplit(THINK_CLOSE, 1)[-1]
+    block = last_code_block(text)
     if block is not None:
         return block
-    text = response.rsplit("</think>", 1)[-1]
     return None if "```" in text else text
 
 

@@ -215,13 +215,19 @@ def check_number_sentences(answer: str, *, num_sentences: int, relation: str) ->
     return _compare(text_units.count_sentences(answer), relation, num_sentences)
 
 
-def _divided_paragraphs(answer: str) -> list[str] | None:
-    """Paragraphs separated by the markdown divider ``***``; None if an inner paragraph is empty."""
-    pieces = [piece.strip() for piece in re.split(r"(?<!\*)\*\*\*(?!\*)", answer)]
+def _stripped_pieces(pieces: list[str]) -> list[str]:
+    """Each piece stripped; an empty first and an empty last piece (a separator at either end) dropped."""
+    pieces = [piece.strip() for piece in pieces]
     if pieces and not pieces[0]:
         pieces = pieces[1:]
     if pieces and not pieces[-1]:
         pieces = pieces[:-1]
+    return pieces
+
+
+def _divided_paragraphs(answer: str) -> list[str] | None:
+    """Paragraphs separated by the markdown divider ``***``; None if an inner paragraph is empty."""
+    pieces = _stripped_pieces(re.split(r"(?<!\*)\*\*\*(?!\*)", answer))
     if any(not piece for piece in pieces):
         return None
     return pieces
@@ -255,7 +261,6 @@ def check_nth_paragraph_first_word(answer: str, *, num_paragraphs: int, nth_para
         return text.startswith(wanted)
     first = re.match(r"\w+(?:['’]\w+)*", text)
     return first is not None and first.group(0) == wanted
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,11 +349,7 @@ def check_title(answer: str) -> bool:
 @register_instruction("combination:two_responses")
 def check_two_responses(answer: str) -> bool:
     """Exactly two different non-empty responses separated by six asterisks ``******``."""
-    pieces = [piece.strip() for piece in answer.split("******")]
-    if pieces and not pieces[0]:
-        pieces = pieces[1:]
-    if pieces and not pieces[-1]:
-        pieces = pieces[:-1]
+    pieces = _stripped_pieces(answer.split("******"))
     return len(pieces) == 2 and all(pieces) and pieces[0] != pieces[1]
 
 

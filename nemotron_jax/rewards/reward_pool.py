@@ -32,13 +32,12 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from nemotron_jax.rewards.scoring import (
     STATUS_CRASHED,
     STATUS_TIMEOUT,
     BatchItem,
     BatchState,
+    ItemFlags,
     ScoredBatch,
     available_cpus,
     prepare_batch,
@@ -66,7 +65,6 @@ def warm_up_verifiers() -> None:
     """Imports and loads what the built-in verifiers need, so that no item pays for it under its time limit."""
     import math_verify  # noqa: F401  (SymPy, the LaTeX parser)
 
-    from nemotron_jax.rewards import registry  # noqa: F401
     from nemotron_jax.rewards.text_units import detect_language
 
     detect_language("warm up the language profiles")
@@ -242,8 +240,8 @@ class RewardPool:
         specs: Sequence[Mapping[str, Any]],
         domains: Sequence[str | Mapping[str, Any]],
         *,
-        truncated: bool | Sequence[bool] | np.ndarray | None = None,
-        thinking: bool | Sequence[bool] | np.ndarray | None = None,
+        truncated: ItemFlags = None,
+        thinking: ItemFlags = None,
         timeout_s: float | None = None,
     ) -> ScoredBatch:
         """Scores a batch; see ``score_batch``."""
@@ -287,6 +285,7 @@ class RewardPool:
     def _chunk_size(self, num_pending: int) -> int:
         # Guided self-scheduling: big chunks while much is pending (each chunk costs a round trip through this
         # process, slow when the machine is loaded), shrinking towards the end so the workers finish together.
+        # Never more than num_pending (>= 1): ceil(n / (2 w)) <= n.
         return max(1, min(self.max_chunk_items, math.ceil(num_pending / (2 * self.num_workers))))
 
     def _dispatch(self, pending: collections.deque) -> None:
@@ -298,7 +297,7 @@ class RewardPool:
             if not worker.process.is_alive():  # died while idle (e.g. killed from outside): just replace it
                 self._replace(slot, None, pending)
                 continue
-            chunk = [pending.popleft() for _ in range(min(self._chunk_size(len(pending)), len(pending)))]
+            chunk = [pending.popleft() for _ in range(self._chunk_size(len(pending)))]
             payload = [(item.index, item.domain, item.fn, item.response, item.spec) for item in chunk]
             try:
                 worker.connection.send(("items", payload))
@@ -394,8 +393,8 @@ def score_batch(
     specs: Sequence[Mapping[str, Any]],
     domains: Sequence[str | Mapping[str, Any]],
     *,
-    truncated: bool | Sequence[bool] | np.ndarray | None = None,
-    thinking: bool | Sequence[bool] | np.ndarray | None = None,
+    truncated: ItemFlags = None,
+    thinking: ItemFlags = None,
     num_workers: int | None = None,
     pool: RewardPool | None = None,
     timeout_s: float | None = None,

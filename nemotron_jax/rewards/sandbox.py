@@ -207,22 +207,13 @@ class _UidLease:
 _active_leases: set[_UidLease] = set()
 
 
-def _mapped_uid_ranges() -> list[tuple[int, int]]:
-    """[start, end) ranges of uids that exist in this process's user namespace."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return [(int(inside), int(inside) + int(count)) for inside, _, count in (line.split() for line in f)]
-    except (OSError, ValueError):
-        return [(0, 2**32 - 1)]
-
-
 def _uid_block_available() -> bool:
     last = _UID_BLOCK_START + _UID_BLOCK_SIZE
-    gid_ok = _range_mapped("/proc/self/gid_map", _UID_BLOCK_START, last)
-    return gid_ok and any(start <= _UID_BLOCK_START and last <= end for start, end in _mapped_uid_ranges())
+    return all(_range_mapped(f"/proc/self/{kind}_map", _UID_BLOCK_START, last) for kind in ("uid", "gid"))
 
 
 def _range_mapped(path: str, first: int, last: int) -> bool:
+    """Whether ids [first, last) exist in this process's user namespace (an id map file); True if unreadable."""
     try:
         with open(path) as f:
             ranges = [(int(inside), int(inside) + int(count)) for inside, _, count in (line.split() for line in f)]
@@ -376,16 +367,12 @@ def _probe_sandbox() -> _Probe:
         return _probe
 
 
-def sandbox_capabilities() -> SandboxCapabilities:
-    """Runs a probe program once (cached) and reports the isolation this machine provides."""
-    return _capabilities()
-
-
 _capabilities_lock = threading.Lock()
 _capabilities_cache: SandboxCapabilities | None = None
 
 
-def _capabilities() -> SandboxCapabilities:
+def sandbox_capabilities() -> SandboxCapabilities:
+    """Runs a probe program once (cached) and reports the isolation this machine provides."""
     global _capabilities_cache
     with _capabilities_lock:
         if _capabilities_cache is None or _capabilities_cache.python is None:

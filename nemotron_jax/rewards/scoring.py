@@ -37,6 +37,9 @@ STATUS_TIMEOUT = "timeout"
 STATUS_CRASHED = "crashed"
 FAILURE_STATUSES = frozenset({STATUS_ERROR, STATUS_TIMEOUT, STATUS_CRASHED})
 
+# ``truncated`` / ``thinking``: one bool for the whole batch, or ``[B]`` bools; ``None`` = all False.
+ItemFlags = bool | Sequence[bool] | np.ndarray | None
+
 _MAX_FAILURE_MESSAGES = 20
 _MAX_MESSAGE_CHARS = 500
 
@@ -178,7 +181,7 @@ class BatchState:
         return ScoredBatch(self.rewards, stats)
 
 
-def _as_flags(values: bool | Sequence[bool] | np.ndarray | None, size: int, name: str) -> list[bool]:
+def _as_flags(values: ItemFlags, size: int, name: str) -> list[bool]:
     if values is None:
         return [False] * size
     if isinstance(values, (bool, np.bool_)):
@@ -196,8 +199,8 @@ def prepare_batch(
     responses: Sequence[str],
     specs: Sequence[Mapping[str, Any]],
     domains: Sequence[str | Mapping[str, Any]],
-    truncated: bool | Sequence[bool] | np.ndarray | None,
-    thinking: bool | Sequence[bool] | np.ndarray | None,
+    truncated: ItemFlags,
+    thinking: ItemFlags,
     timeout_s: float | None,
 ) -> tuple[BatchState, list[BatchItem]]:
     size = len(responses)
@@ -256,8 +259,8 @@ def score_in_process(
     specs: Sequence[Mapping[str, Any]],
     domains: Sequence[str | Mapping[str, Any]],
     *,
-    truncated: bool | Sequence[bool] | np.ndarray | None = None,
-    thinking: bool | Sequence[bool] | np.ndarray | None = None,
+    truncated: ItemFlags = None,
+    thinking: ItemFlags = None,
 ) -> ScoredBatch:
     """The same rules as ``score_batch``, one item after another in this process, WITHOUT time limits.
 
