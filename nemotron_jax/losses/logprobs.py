@@ -20,6 +20,7 @@ from jax import lax
 
 from nemotron_jax.losses import _checks
 from nemotron_jax.losses._chunking import (
+    lm_head_backward,
     lm_head_chunk,
     merge_token_blocks,
     online_logsumexp_update,
@@ -106,50 +107,27 @@ def _backward(hidden2d, lm_head, targets1d, logsumexp, entropy, logprob_grad, en
     For a token with logits l, p = softmax(l), target y, log-prob lp = l_y - logsumexp(l) and entropy
     H = -sum p log p:  d lp / d l = onehot(y) - p,   d H / d l = -p * (log p + H).
     """
-    num_tokens, hidden_size = hidden2d.shape
     vocab_size = lm_head.shape[1]
     dtype = _checks.compute_dtype(hidden2d, lm_head)
-    block = token_block_size(num_tokens, token_chunk_size)
     in_range = (targets1d >= 0) & (targets1d < vocab_size)
     logprob_grad = jnp.where(in_range, logprob_grad.astype(dtype), 0)
-    hidden_blocks = split_token_blocks(hidden2d, block)
-    per_token = tuple(
-        split_token_blocks(x, block)
-        for x in (targets1d, logsumexp, entropy, logprob_grad, entropy_grad.astype(dtype))
-    )
+    per_token = (targets1d, logsumexp, entropy, logprob_grad, entropy_grad.astype(dtype))
 
-    def vocab_chunk(carry, start, size):
-        hidden_grad, lm_head_grad = carry
-        weights = lm_head_chunk(lm_head, start, size)
-        weights_compute = weights.astype(dtype)
+    def chunk_logits_grad(start, size):
         vocab_ids = start + lax.iota(jnp.int32, size)
 
-        def token_block(chunk_grad, inputs):
-            hidden, targets, block_logsumexp, block_entropy, block_logprob_grad, block_entropy_grad = inputs
-            log_p = tile_logits(hidden, weights, dtype, precision) - block_logsumexp[:, None]
+        def logits_grad(logits, targets, block_logsumexp, block_entropy, block_logprob_grad, block_entropy_grad):
+            log_p = logits - block_logsumexp[:, None]
             p = jnp.exp(log_p)
             is_target = (vocab_ids[None, :] == targets[:, None]).astype(dtype)
-            logits_grad = block_logprob_grad[:, None] * (is_target - p) - block_entropy_grad[:, None] * p * (
+            return block_logprob_grad[:, None] * (is_target - p) - block_entropy_grad[:, None] * p * (
                 log_p + block_entropy[:, None]
             )
-            block_hidden_grad = jnp.dot(logits_grad, weights_compute.T, precision=precision)
-            chunk_grad = chunk_grad + jnp.dot(hidden.astype(dtype).T, logits_grad, precision=precision)
-            return chunk_grad, block_hidden_grad
 
-        chunk_grad, block_hidden_grads = lax.scan(
-            token_block, jnp.zeros((hidden_size, size), dtype), (hidden_blocks,) + per_token
-        )
-        lm_head_grad = lax.dynamic_update_slice_in_dim(
-            lm_head_grad, chunk_grad.astype(lm_head_grad.dtype), start, axis=1
-        )
-        return hidden_grad + block_hidden_grads, lm_head_grad
+        return logits_grad
 
-    hidden_grad = jnp.zeros(hidden_blocks.shape, dtype)
-    lm_head_grad = jnp.zeros(lm_head.shape, lm_head.dtype)
-    hidden_grad, lm_head_grad = scan_vocab_chunks(
-        vocab_chunk, (hidden_grad, lm_head_grad), vocab_size, chunk_size
-    )
-    return merge_token_blocks(hidden_grad, num_tokens).astype(hidden2d.dtype), lm_head_grad
+    return lm_head_backward(hidden2d, lm_head, per_token, chunk_logits_grad, dtype, chunk_size, token_chunk_size,
+                            precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
