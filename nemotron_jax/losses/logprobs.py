@@ -34,7 +34,7 @@ DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_TOKEN_CHUNK_SIZE = 8192
 
 
-def _check_inputs(hidden: Any, lm_head: Any, targets: Any | None, chunk_size: Any, token_chunk_size: Any):
+def _check_inputs(hidden: Any, lm_head: Any, targets: Any):
     _checks.check_floating("hidden", hidden)
     _checks.check_floating("lm_head", lm_head)
     _checks.check_rank("lm_head", lm_head, 2)
@@ -43,16 +43,11 @@ def _check_inputs(hidden: Any, lm_head: Any, targets: Any | None, chunk_size: An
             f"hidden must be [..., D] with D = lm_head.shape[0] = {jnp.shape(lm_head)[0]}, "
             f"got hidden shape {jnp.shape(hidden)}"
         )
-    if targets is not None:
-        _checks.check_integer("targets", targets)
-        if jnp.shape(targets) != jnp.shape(hidden)[:-1]:
-            raise ValueError(
-                f"targets must have shape hidden.shape[:-1] = {jnp.shape(hidden)[:-1]}, "
-                f"got {jnp.shape(targets)}"
-            )
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if token_chunk_size is not None:
-        _checks.check_positive_int("token_chunk_size", token_chunk_size)
+    _checks.check_integer("targets", targets)
+    if jnp.shape(targets) != jnp.shape(hidden)[:-1]:
+        raise ValueError(
+            f"targets must have shape hidden.shape[:-1] = {jnp.shape(hidden)[:-1]}, got {jnp.shape(targets)}"
+        )
 
 
 def _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision):
@@ -188,7 +183,8 @@ def token_logprobs_and_entropy(
       ValueError: shape or dtype mismatch, non-positive chunk sizes.
     """
     hidden, lm_head, targets = (_checks.as_array(x) for x in (hidden, lm_head, targets))
-    _check_inputs(hidden, lm_head, targets, chunk_size, token_chunk_size)
+    _check_inputs(hidden, lm_head, targets)
+    _checks.check_chunk_sizes(chunk_size, token_chunk_size)
     batch_shape = jnp.shape(targets)
     hidden2d = jnp.reshape(hidden, (-1, jnp.shape(hidden)[-1]))
     targets1d = jnp.reshape(targets, (-1,)).astype(jnp.int32)
@@ -234,8 +230,7 @@ def token_entropy(
 
     Differentiable (d H / d logits = -p (log p + H)), with the same memory bound as `token_logprobs`.
     """
-    hidden, lm_head = _checks.as_array(hidden), _checks.as_array(lm_head)
-    _check_inputs(hidden, lm_head, None, chunk_size, token_chunk_size)
+    # Any in-range targets will do; the arguments are checked by token_logprobs_and_entropy.
     targets = jnp.zeros(jnp.shape(hidden)[:-1], jnp.int32)
     _, entropy = token_logprobs_and_entropy(
         hidden, lm_head, targets, chunk_size=chunk_size, token_chunk_size=token_chunk_size, precision=precision
@@ -248,7 +243,7 @@ def token_logprobs_reference(
 ) -> tuple[jax.Array, jax.Array]:
     """The slow twin: `(logprobs, entropy)` through the full `[..., V]` float32 logits (small inputs only)."""
     hidden, lm_head, targets = (_checks.as_array(x) for x in (hidden, lm_head, targets))
-    _check_inputs(hidden, lm_head, targets, 1, None)
+    _check_inputs(hidden, lm_head, targets)
     dtype = _checks.compute_dtype(hidden, lm_head)
     logits = tile_logits(hidden, lm_head, dtype, precision)
     log_p = jax.nn.log_softmax(logits, axis=-1)
