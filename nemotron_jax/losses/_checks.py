@@ -79,9 +79,24 @@ def check_number(
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
+def check_importance_band(is_low: Any, is_high: Any) -> None:
+    """Bounds of an importance weight: 0 <= is_low <= is_high and is_high > 0 (where the values are concrete)."""
+    check_number("is_low", is_low, minimum=0.0)
+    check_number("is_high", is_high, minimum=0.0, exclusive_minimum=True)
+    if is_concrete_number(is_low) and is_concrete_number(is_high) and is_low > is_high:
+        raise ValueError(f"is_low={is_low} must not exceed is_high={is_high}")
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive Python int, got {value!r}")
+
+
+def check_chunk_sizes(chunk_size: Any, token_chunk_size: Any) -> None:
+    """Tiling of the chunked functions: a positive `chunk_size`, and a positive or None `token_chunk_size`."""
+    check_positive_int("chunk_size", chunk_size)
+    if token_chunk_size is not None:
+        check_positive_int("token_chunk_size", token_chunk_size)
 
 
 def as_array(value: Any) -> Any:

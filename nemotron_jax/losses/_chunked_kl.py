@@ -16,6 +16,7 @@ from jax import lax
 
 from nemotron_jax.losses import _checks
 from nemotron_jax.losses._chunking import (
+    lm_head_backward,
     lm_head_chunk,
     merge_token_blocks,
     online_logsumexp_update,
@@ -81,44 +82,25 @@ def _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head
 def _kl_backward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, stats,
                  kl_grad, chunk_size, token_chunk_size, precision):
     """Student gradients. d KL(p_T||p_S)/d l_S = p_S - p_T;  d KL(p_S||p_T)/d l_S = p_S (log p_S/p_T - KL)."""
-    num_tokens, hidden_size = student_hidden.shape
-    vocab_size = student_lm_head.shape[1]
     dtype = _checks.compute_dtype(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head)
-    block = token_block_size(num_tokens, token_chunk_size)
-    student_blocks = split_token_blocks(student_hidden, block)
-    teacher_blocks = split_token_blocks(teacher_hidden, block)
-    per_token = tuple(split_token_blocks(x, block) for x in stats + (kl_grad.astype(dtype),))
+    per_token = (teacher_hidden,) + stats + (kl_grad.astype(dtype),)
 
-    def vocab_chunk(carry, start, size):
-        hidden_grad, lm_head_grad = carry
-        student_weights = lm_head_chunk(student_lm_head, start, size)
+    def chunk_logits_grad(start, size):
         teacher_weights = lm_head_chunk(teacher_lm_head, start, size)
-        student_weights_compute = student_weights.astype(dtype)
 
-        def token_block(chunk_grad, inputs):
-            student_h, teacher_h, student_lse, teacher_lse, reverse_kl, block_grad = inputs
-            log_ps = tile_logits(student_h, student_weights, dtype, precision) - student_lse[:, None]
+        def logits_grad(student_logits, teacher_h, student_lse, teacher_lse, reverse_kl, block_grad):
+            log_ps = student_logits - student_lse[:, None]
             log_pt = tile_logits(teacher_h, teacher_weights, dtype, precision) - teacher_lse[:, None]
             ps = jnp.exp(log_ps)
             logits_grad = forward_weight * (ps - jnp.exp(log_pt)) + (1.0 - forward_weight) * ps * (
                 log_ps - log_pt - reverse_kl[:, None]
             )
-            logits_grad = block_grad[:, None] * logits_grad
-            block_hidden_grad = jnp.dot(logits_grad, student_weights_compute.T, precision=precision)
-            chunk_grad = chunk_grad + jnp.dot(student_h.astype(dtype).T, logits_grad, precision=precision)
-            return chunk_grad, block_hidden_grad
+            return block_grad[:, None] * logits_grad
 
-        chunk_grad, block_hidden_grads = lax.scan(
-            token_block, jnp.zeros((hidden_size, size), dtype), (student_blocks, teacher_blocks) + per_token
-        )
-        lm_head_grad = lax.dynamic_update_slice_in_dim(
-            lm_head_grad, chunk_grad.astype(lm_head_grad.dtype), start, axis=1
-        )
-        return hidden_grad + block_hidden_grads, lm_head_grad
+        return logits_grad
 
-    carry = (jnp.zeros(student_blocks.shape, dtype), jnp.zeros(student_lm_head.shape, student_lm_head.dtype))
-    hidden_grad, lm_head_grad = scan_vocab_chunks(vocab_chunk, carry, vocab_size, chunk_size)
-    return merge_token_blocks(hidden_grad, num_tokens).astype(student_hidden.dtype), lm_head_grad
+    return lm_head_backward(student_hidden, student_lm_head, per_token, chunk_logits_grad, dtype, chunk_size,
+                            token_chunk_size, precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

@@ -1,7 +1,9 @@
 """Loops over vocabulary chunks and token blocks, shared by the chunked log-prob and distillation losses.
 
 The `[N, V]` logits of N tokens over a vocabulary of V are never built: work proceeds one tile of
-`[token block, vocabulary chunk]` at a time, inside `lax.scan`, so that peak memory is a few tiles.
+`[token block, vocabulary chunk]` at a time, inside `lax.scan`, so that peak memory is a few tiles. The
+backward passes share `lm_head_backward`, which recomputes each tile and turns its logits' gradient into
+gradients of the hidden states and the weight.
 """
 
 from __future__ import annotations
@@ -94,3 +96,51 @@ def online_logsumexp_update(
     shifted = logits - new_max[..., None]
     new_sum = running_sum * rescale + jnp.sum(jnp.exp(shifted), axis=-1)
     return new_max, new_sum, rescale, shifted
+
+
+def lm_head_backward(
+    hidden2d: jax.Array,
+    lm_head: jax.Array,
+    per_token: tuple[jax.Array, ...],
+    chunk_logits_grad: Callable[[Any, int], Callable[..., jax.Array]],
+    dtype: Any,
+    chunk_size: int,
+    token_chunk_size: int | None,
+    precision: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Gradients `(d hidden2d [N, D], d lm_head [D, V])` of a function of the logits `hidden2d @ lm_head`.
+
+    `chunk_logits_grad(start, size)` is called once per vocabulary chunk (for work shared by its token blocks)
+    and returns `logits_grad(logits [n, size], *blocks) -> [n, size]`, the gradient w.r.t. one recomputed
+    tile of logits (accumulated in `dtype`), where `blocks` are the token blocks of the `[N, ...]` arrays
+    `per_token`.
+    """
+    num_tokens, hidden_size = hidden2d.shape
+    block = token_block_size(num_tokens, token_chunk_size)
+    hidden_blocks = split_token_blocks(hidden2d, block)
+    per_token_blocks = tuple(split_token_blocks(x, block) for x in per_token)
+
+    def vocab_chunk(carry, start, size):
+        hidden_grad, lm_head_grad = carry
+        weights = lm_head_chunk(lm_head, start, size)
+        weights_compute = weights.astype(dtype)
+        logits_grad_of_tile = chunk_logits_grad(start, size)
+
+        def token_block(chunk_grad, inputs):
+            hidden, *blocks = inputs
+            logits_grad = logits_grad_of_tile(tile_logits(hidden, weights, dtype, precision), *blocks)
+            block_hidden_grad = jnp.dot(logits_grad, weights_compute.T, precision=precision)
+            chunk_grad = chunk_grad + jnp.dot(hidden.astype(dtype).T, logits_grad, precision=precision)
+            return chunk_grad, block_hidden_grad
+
+        chunk_grad, block_hidden_grads = lax.scan(
+            token_block, jnp.zeros((hidden_size, size), dtype), (hidden_blocks,) + per_token_blocks
+        )
+        lm_head_grad = lax.dynamic_update_slice_in_dim(
+            lm_head_grad, chunk_grad.astype(lm_head_grad.dtype), start, axis=1
+        )
+        return hidden_grad + block_hidden_grads, lm_head_grad
+
+    carry = (jnp.zeros(hidden_blocks.shape, dtype), jnp.zeros(lm_head.shape, lm_head.dtype))
+    hidden_grad, lm_head_grad = scan_vocab_chunks(vocab_chunk, carry, lm_head.shape[1], chunk_size)
+    return merge_token_blocks(hidden_grad, num_tokens).astype(hidden2d.dtype), lm_head_grad

@@ -70,9 +70,10 @@ def masked_token_mean(values: jax.Array, mask: jax.Array, num_tokens: Any = None
     return safe_divide(jnp.sum(masked(values, mask)), jnp.asarray(num_tokens, dtype))
 
 
-def sequence_token_counts(mask: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """`[B]` sum of the mask over each row."""
-    return jnp.sum(jnp.asarray(mask, dtype), axis=1)
+def sequence_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """`[B, T] -> [B, 1]`: `sum_t mask*values / sum_t mask` of each row (0 for a row without valid tokens)."""
+    total = jnp.sum(masked(values, mask), axis=1, keepdims=True)
+    return safe_divide(total, jnp.sum(jnp.asarray(mask, values.dtype), axis=1, keepdims=True))
 
 
 def aggregate_loss(
@@ -127,8 +128,7 @@ def aggregate_loss(
         num_sequences = jnp.sum(jnp.any(mask != 0, axis=1).astype(dtype))
     num_sequences = jnp.asarray(num_sequences, dtype)
     if aggregation == "seq_mean_token_mean":
-        per_sequence = safe_divide(jnp.sum(contributions, axis=1), sequence_token_counts(mask, dtype))
-        return safe_divide(jnp.sum(per_sequence), num_sequences)
+        return safe_divide(jnp.sum(sequence_mean(per_token_loss, mask)), num_sequences)
     if aggregation == "seq_mean_token_sum":
         return safe_divide(jnp.sum(contributions), num_sequences)
     # seq_mean_token_sum_norm

@@ -130,9 +130,7 @@ def distillation_kl(
         raise ValueError(f"mixed_forward_weight is only used with kind='mixed', got kind={kind!r}")
     else:
         forward_weight = 1.0 if kind == "forward" else 0.0
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if token_chunk_size is not None:
-        _checks.check_positive_int("token_chunk_size", token_chunk_size)
+    _checks.check_chunk_sizes(chunk_size, token_chunk_size)
 
     student, teacher = _as_arrays(student), _as_arrays(teacher)
     student_kind, student_shape, vocab_size = _describe("student", student)

@@ -20,6 +20,7 @@ from jax import lax
 
 from nemotron_jax.losses import _checks
 from nemotron_jax.losses._chunking import (
+    lm_head_backward,
     lm_head_chunk,
     merge_token_blocks,
     online_logsumexp_update,
@@ -33,7 +34,7 @@ DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_TOKEN_CHUNK_SIZE = 8192
 
 
-def _check_inputs(hidden: Any, lm_head: Any, targets: Any | None, chunk_size: Any, token_chunk_size: Any):
+def _check_inputs(hidden: Any, lm_head: Any, targets: Any):
     _checks.check_floating("hidden", hidden)
     _checks.check_floating("lm_head", lm_head)
     _checks.check_rank("lm_head", lm_head, 2)
@@ -42,16 +43,11 @@ def _check_inputs(hidden: Any, lm_head: Any, targets: Any | None, chunk_size: An
             f"hidden must be [..., D] with D = lm_head.shape[0] = {jnp.shape(lm_head)[0]}, "
             f"got hidden shape {jnp.shape(hidden)}"
         )
-    if targets is not None:
-        _checks.check_integer("targets", targets)
-        if jnp.shape(targets) != jnp.shape(hidden)[:-1]:
-            raise ValueError(
-                f"targets must have shape hidden.shape[:-1] = {jnp.shape(hidden)[:-1]}, "
-                f"got {jnp.shape(targets)}"
-            )
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if token_chunk_size is not None:
-        _checks.check_positive_int("token_chunk_size", token_chunk_size)
+    _checks.check_integer("targets", targets)
+    if jnp.shape(targets) != jnp.shape(hidden)[:-1]:
+        raise ValueError(
+            f"targets must have shape hidden.shape[:-1] = {jnp.shape(hidden)[:-1]}, got {jnp.shape(targets)}"
+        )
 
 
 def _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision):
@@ -106,50 +102,27 @@ def _backward(hidden2d, lm_head, targets1d, logsumexp, entropy, logprob_grad, en
     For a token with logits l, p = softmax(l), target y, log-prob lp = l_y - logsumexp(l) and entropy
     H = -sum p log p:  d lp / d l = onehot(y) - p,   d H / d l = -p * (log p + H).
     """
-    num_tokens, hidden_size = hidden2d.shape
     vocab_size = lm_head.shape[1]
     dtype = _checks.compute_dtype(hidden2d, lm_head)
-    block = token_block_size(num_tokens, token_chunk_size)
     in_range = (targets1d >= 0) & (targets1d < vocab_size)
     logprob_grad = jnp.where(in_range, logprob_grad.astype(dtype), 0)
-    hidden_blocks = split_token_blocks(hidden2d, block)
-    per_token = tuple(
-        split_token_blocks(x, block)
-        for x in (targets1d, logsumexp, entropy, logprob_grad, entropy_grad.astype(dtype))
-    )
+    per_token = (targets1d, logsumexp, entropy, logprob_grad, entropy_grad.astype(dtype))
 
-    def vocab_chunk(carry, start, size):
-        hidden_grad, lm_head_grad = carry
-        weights = lm_head_chunk(lm_head, start, size)
-        weights_compute = weights.astype(dtype)
+    def chunk_logits_grad(start, size):
         vocab_ids = start + lax.iota(jnp.int32, size)
 
-        def token_block(chunk_grad, inputs):
-            hidden, targets, block_logsumexp, block_entropy, block_logprob_grad, block_entropy_grad = inputs
-            log_p = tile_logits(hidden, weights, dtype, precision) - block_logsumexp[:, None]
+        def logits_grad(logits, targets, block_logsumexp, block_entropy, block_logprob_grad, block_entropy_grad):
+            log_p = logits - block_logsumexp[:, None]
             p = jnp.exp(log_p)
             is_target = (vocab_ids[None, :] == targets[:, None]).astype(dtype)
-            logits_grad = block_logprob_grad[:, None] * (is_target - p) - block_entropy_grad[:, None] * p * (
+            return block_logprob_grad[:, None] * (is_target - p) - block_entropy_grad[:, None] * p * (
                 log_p + block_entropy[:, None]
             )
-            block_hidden_grad = jnp.dot(logits_grad, weights_compute.T, precision=precision)
-            chunk_grad = chunk_grad + jnp.dot(hidden.astype(dtype).T, logits_grad, precision=precision)
-            return chunk_grad, block_hidden_grad
 
-        chunk_grad, block_hidden_grads = lax.scan(
-            token_block, jnp.zeros((hidden_size, size), dtype), (hidden_blocks,) + per_token
-        )
-        lm_head_grad = lax.dynamic_update_slice_in_dim(
-            lm_head_grad, chunk_grad.astype(lm_head_grad.dtype), start, axis=1
-        )
-        return hidden_grad + block_hidden_grads, lm_head_grad
+        return logits_grad
 
-    hidden_grad = jnp.zeros(hidden_blocks.shape, dtype)
-    lm_head_grad = jnp.zeros(lm_head.shape, lm_head.dtype)
-    hidden_grad, lm_head_grad = scan_vocab_chunks(
-        vocab_chunk, (hidden_grad, lm_head_grad), vocab_size, chunk_size
-    )
-    return merge_token_blocks(hidden_grad, num_tokens).astype(hidden2d.dtype), lm_head_grad
+    return lm_head_backward(hidden2d, lm_head, per_token, chunk_logits_grad, dtype, chunk_size, token_chunk_size,
+                            precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -210,7 +183,8 @@ def token_logprobs_and_entropy(
       ValueError: shape or dtype mismatch, non-positive chunk sizes.
     """
     hidden, lm_head, targets = (_checks.as_array(x) for x in (hidden, lm_head, targets))
-    _check_inputs(hidden, lm_head, targets, chunk_size, token_chunk_size)
+    _check_inputs(hidden, lm_head, targets)
+    _checks.check_chunk_sizes(chunk_size, token_chunk_size)
     batch_shape = jnp.shape(targets)
     hidden2d = jnp.reshape(hidden, (-1, jnp.shape(hidden)[-1]))
     targets1d = jnp.reshape(targets, (-1,)).astype(jnp.int32)
@@ -256,8 +230,7 @@ def token_entropy(
 
     Differentiable (d H / d logits = -p (log p + H)), with the same memory bound as `token_logprobs`.
     """
-    hidden, lm_head = _checks.as_array(hidden), _checks.as_array(lm_head)
-    _check_inputs(hidden, lm_head, None, chunk_size, token_chunk_size)
+    # Any in-range targets will do; the arguments are checked by token_logprobs_and_entropy.
     targets = jnp.zeros(jnp.shape(hidden)[:-1], jnp.int32)
     _, entropy = token_logprobs_and_entropy(
         hidden, lm_head, targets, chunk_size=chunk_size, token_chunk_size=token_chunk_size, precision=precision
@@ -270,7 +243,7 @@ def token_logprobs_reference(
 ) -> tuple[jax.Array, jax.Array]:
     """The slow twin: `(logprobs, entropy)` through the full `[..., V]` float32 logits (small inputs only)."""
     hidden, lm_head, targets = (_checks.as_array(x) for x in (hidden, lm_head, targets))
-    _check_inputs(hidden, lm_head, targets, 1, None)
+    _check_inputs(hidden, lm_head, targets)
     dtype = _checks.compute_dtype(hidden, lm_head)
     logits = tile_logits(hidden, lm_head, dtype, precision)
     log_p = jax.nn.log_softmax(logits, axis=-1)

@@ -63,10 +63,7 @@ def mopd_loss(
     _checks.check_same_shape("teacher_logprobs", teacher_logprobs, "logprobs", logprobs)
     _checks.check_same_shape("rollout_logprobs", rollout_logprobs, "logprobs", logprobs)
     _checks.check_same_shape("mask", mask, "logprobs", logprobs)
-    _checks.check_number("is_low", is_low, minimum=0.0)
-    _checks.check_number("is_high", is_high, minimum=0.0, exclusive_minimum=True)
-    if _checks.is_concrete_number(is_low) and _checks.is_concrete_number(is_high) and is_low > is_high:
-        raise ValueError(f"is_low={is_low} must not exceed is_high={is_high}")
+    _checks.check_importance_band(is_low, is_high)
 
     dtype = _checks.compute_dtype(logprobs, teacher_logprobs, rollout_logprobs)
     zero = jnp.zeros((), dtype)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.losses import _checks
-from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation, masked, masked_token_mean, safe_divide
+from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation, masked, masked_token_mean, sequence_mean
 
 RATIO_KINDS = ("ppo", "on_policy", "gspo", "cispo")
 IS_CORRECTIONS = (None, "tis", "icepop", "seq_mask_tis")
@@ -26,13 +26,6 @@ def _broadcast_advantages(advantages: jax.Array, logprobs: jax.Array) -> jax.Arr
         f"advantages must have shape [B]={(batch,)} or [B, T]={(batch, length)} to match logprobs, "
         f"got {jnp.shape(advantages)}"
     )
-
-
-def sequence_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """`[B, T] -> [B, 1]` masked mean over each row (0 for a row without valid tokens)."""
-    total = jnp.sum(masked(values, mask), axis=1, keepdims=True)
-    count = jnp.sum(jnp.asarray(mask, values.dtype), axis=1, keepdims=True)
-    return safe_divide(total, count)
 
 
 def importance_weights(
@@ -157,10 +150,7 @@ def policy_gradient_loss(
             raise ValueError("dual_clip is not defined for ratio='cispo'")
         _checks.check_number("dual_clip", dual_clip, minimum=1.0, exclusive_minimum=True)
     if is_correction is not None:
-        _checks.check_number("is_low", is_low, minimum=0.0)
-        _checks.check_number("is_high", is_high, minimum=0.0, exclusive_minimum=True)
-        if _checks.is_concrete_number(is_low) and _checks.is_concrete_number(is_high) and is_low > is_high:
-            raise ValueError(f"is_low={is_low} must not exceed is_high={is_high}")
+        _checks.check_importance_band(is_low, is_high)
     advantages = _broadcast_advantages(advantages, logprobs)
 
     dtype = _checks.compute_dtype(logprobs, old_logprobs, advantages, rollout_logprobs)
@@ -173,6 +163,8 @@ def policy_gradient_loss(
         old_logprobs = sg(logprobs)
     else:
         old_logprobs = sg(jnp.where(valid, jnp.asarray(old_logprobs, dtype), zero))
+    if rollout_logprobs is not None:
+        rollout_logprobs = jnp.where(valid, jnp.asarray(rollout_logprobs, dtype), zero)
 
     if ratio == "on_policy":
         token_ratio = jnp.exp(logprobs - sg(logprobs))
@@ -204,16 +196,14 @@ def policy_gradient_loss(
     metrics["mean_ratio"] = masked_token_mean(sg(token_ratio), mask, num_tokens)
 
     if is_correction is not None:
-        rollout = jnp.where(valid, jnp.asarray(rollout_logprobs, dtype), zero)
-        weights, dropped = importance_weights(old_logprobs, rollout, mask, is_correction, is_low, is_high)
+        weights, dropped = importance_weights(old_logprobs, rollout_logprobs, mask, is_correction, is_low, is_high)
         per_token = weights * per_token
         fraction_name = "is_truncated_fraction" if is_correction == "tis" else "is_masked_fraction"
         metrics[fraction_name] = masked_token_mean(dropped.astype(dtype), mask, num_tokens)
         metrics["mean_is_weight"] = masked_token_mean(weights, mask, num_tokens)
     if rollout_logprobs is not None:
-        rollout = jnp.asarray(rollout_logprobs, dtype)
         metrics["rollout_logprob_abs_diff"] = masked_token_mean(
-            jnp.abs(old_logprobs - jnp.where(valid, rollout, zero)), mask, num_tokens
+            jnp.abs(old_logprobs - rollout_logprobs), mask, num_tokens
         )
 
     loss = aggregate_loss(
