@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from nemotron_jax.losses import _checks
-from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation, masked, masked_token_mean, sequence_mean
+from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation, masked_token_mean, sequence_mean
 
 RATIO_KINDS = ("ppo", "on_policy", "gspo", "cispo")
 IS_CORRECTIONS = (None, "tis", "icepop", "seq_mask_tis")
@@ -44,7 +44,8 @@ def importance_weights(
       "seq_mask_tis": w * 1[is_low <= g_b <= is_high], g_b = exp(masked mean_t log w) per sequence
                       (the per-token weights of kept sequences are not truncated; dropped: tokens zeroed).
     """
-    log_w = sg(masked(old_logprobs - rollout_logprobs, mask))
+    # The mask selects tokens; its value (a fractional loss weight) must not scale the log-ratio.
+    log_w = sg(jnp.where(mask != 0, old_logprobs - rollout_logprobs, jnp.zeros((), old_logprobs.dtype)))
     weights = jnp.exp(log_w)
     if is_correction == "tis":
         dropped = weights > is_high

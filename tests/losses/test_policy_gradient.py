@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemotron_jax.losses import aggregate_loss, policy_gradient_loss
+from nemotron_jax.losses import aggregate_loss, importance_weights, policy_gradient_loss
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
@@ -318,3 +318,14 @@ def test_errors_raise_at_trace_time_under_jit():
     fn = jax.jit(lambda lp, old, adv, mask: policy_gradient_loss(lp, old, adv, mask, aggregation="bogus"))
     with pytest.raises(ValueError, match="aggregation"):
         fn(*_args())
+
+
+def test_fractional_mask_weights_the_loss_not_the_importance_ratio():
+    """A mask value of 0.5 halves a token's loss; w = exp(old - rollout) itself does not depend on it."""
+    old = jnp.array([[1.0, -0.2]])
+    rollout = jnp.array([[0.0, 0.0]])
+    weights, _ = importance_weights(old, rollout, jnp.array([[0.5, 1.0]]), "tis", 0.5, 5.0)
+    np.testing.assert_allclose(np.asarray(weights)[0], [np.e, np.exp(-0.2)], rtol=1e-6)
+    weights, dropped = importance_weights(old, rollout, jnp.array([[0.5, 1.0]]), "seq_mask_tis", 0.5, 2.0)
+    g = np.exp((0.5 * 1.0 + 1.0 * -0.2) / 1.5)  # mask-weighted geometric mean of the sequence
+    assert 0.5 <= g <= 2.0 and not bool(np.asarray(dropped).any())
