@@ -188,14 +188,34 @@ class SandboxCapabilities:
 # uid leases
 
 
-class _UidLease:
-    """An exclusive claim on one sandbox uid (uid == gid), held by an flock on a per-uid file."""
+class _Lease:
+    """An exclusive claim on one run slot, held by an flock on the slot's file in a lock directory.
 
-    def __init__(self, uid: int, lock_fd: int | None):
+    As root with the sandbox uid block mapped, the slot is a dedicated uid (`uid`, uid == gid) that no
+    concurrent run uses. Otherwise `uid` is the shared `_NOBODY_UID` (root without the block) or -1 (not
+    root: the program keeps the caller's uid), and the slot only names the run's working directory.
+
+    The slot file is non-empty while a run is in progress (`begin_run` / `end_run`). A slot found non-empty
+    when acquired belonged to a caller that died mid-run (SIGKILL, OOM): what it left is removed first, so
+    a later run of the same uid never sees it (see `_clean_up_dead_run`).
+    """
+
+    def __init__(self, slot: str, uid: int, lock_fd: int, dedicated_uid: bool):
+        self.slot = slot
         self.uid = uid
-        self.lock_fd = lock_fd
-        if lock_fd is not None:
-            _active_leases.add(self)
+        self.lock_fd: int | None = lock_fd
+        self.dedicated_uid = dedicated_uid
+        _active_leases.add(self)
+
+    @property
+    def workdir_prefix(self) -> str:
+        return f"{_WORKDIR_PREFIX}{self.slot}-"
+
+    def begin_run(self) -> None:
+        os.pwrite(self.lock_fd, b"running\n", 0)
+
+    def end_run(self) -> None:
+        os.ftruncate(self.lock_fd, 0)
 
     def release(self) -> None:
         if self.lock_fd is not None:
@@ -204,7 +224,8 @@ class _UidLease:
         _active_leases.discard(self)
 
 
-_active_leases: set[_UidLease] = set()
+_active_leases: set[_Lease] = set()
+_WORKDIR_PREFIX = "nemotron-jax-sandbox-"
 
 
 def _uid_block_available() -> bool:
@@ -222,25 +243,100 @@ def _range_mapped(path: str, first: int, last: int) -> bool:
     return any(start <= first and last <= end for start, end in ranges)
 
 
-def _acquire_uid() -> _UidLease:
-    if not _uid_block_available():
-        # One shared uid: RLIMIT_NPROC is then shared by concurrent runs (reported as a degradation).
-        return _UidLease(_NOBODY_UID, None)
-    os.makedirs(_UID_LOCK_DIR, mode=0o700, exist_ok=True)
-    for offset in range(_UID_BLOCK_SIZE):
-        uid = _UID_BLOCK_START + offset
-        fd = os.open(os.path.join(_UID_LOCK_DIR, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _lock_directory() -> tuple[str, bool]:
+    """(directory of the slot files, whether its slots are dedicated uids)."""
+    if os.geteuid() == 0:
+        # Slot files are named by uid (the same files as earlier versions of this module, so that runs of
+        # both never share a uid); without the uid block the numbers only name slots.
+        return _UID_LOCK_DIR, _uid_block_available()
+    return f"{_UID_LOCK_DIR}-{os.geteuid()}", False
+
+
+def _try_lock(path: str) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _clean_up_dead_run(slot: str, uid: int | None, fd: int) -> None:
+    """What a caller killed mid-run left in `slot` (whose lock the caller of this function holds): processes
+    of the slot's dedicated uid (`uid`, None if not dedicated) and working directories; then marks it clean."""
+    if uid is not None:
+        _kill_all_of_uid(uid)
+    root = tempfile.gettempdir()
+    prefix = f"{_WORKDIR_PREFIX}{slot}-"
+    try:
+        names = [name for name in os.listdir(root) if name.startswith(prefix)]
+    except OSError:
+        names = []
+    for name in names:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # fd-based: never follows symlinks
+    os.ftruncate(fd, 0)
+
+
+_swept_pid: int | None = None
+
+
+def _sweep_stale_slots() -> None:
+    """Cleans every unlocked slot left in the running state (once per process, at its first run): a caller
+    killed mid-run leaves a slot that no later run may happen to acquire."""
+    global _swept_pid
+    _swept_pid = os.getpid()
+    directory, dedicated = _lock_directory()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            if os.stat(path).st_size == 0:
+                continue
+            fd = _try_lock(path)
+        except OSError:
             continue
-        return _UidLease(uid, fd)
-    raise RuntimeError(f"all {_UID_BLOCK_SIZE} sandbox uids are in use")
+        if fd is None:
+            continue  # in use
+        try:
+            if os.fstat(fd).st_size:
+                _clean_up_dead_run(name, int(name) if dedicated and name.isdigit() else None, fd)
+        finally:
+            os.close(fd)
+
+
+def _acquire_lease() -> _Lease:
+    if _swept_pid != os.getpid():
+        _sweep_stale_slots()
+    directory, dedicated = _lock_directory()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    root = os.geteuid() == 0
+    for offset in range(_UID_BLOCK_SIZE):
+        slot = str(_UID_BLOCK_START + offset) if root else str(offset)
+        fd = _try_lock(os.path.join(directory, slot))
+        if fd is None:
+            continue
+        if dedicated:
+            uid = int(slot)
+        else:
+            # One shared uid (root without the uid block): RLIMIT_NPROC is then shared by concurrent runs
+            # (reported as a degradation).
+            uid = _NOBODY_UID if root else -1
+        if os.fstat(fd).st_size:
+            _clean_up_dead_run(slot, uid if dedicated else None, fd)
+        return _Lease(slot, uid, fd, dedicated)
+    raise RuntimeError(f"all {_UID_BLOCK_SIZE} sandbox slots are in use")
 
 
 def _processes_of_uid(uid: int) -> list[int]:
-    """Live (non-zombie) pids whose /proc entry belongs to `uid`."""
+    """Thread groups of `uid` with a live thread: pids whose /proc entry belongs to `uid`.
+
+    A thread group counts while any of its threads lives, not only its main thread: a main thread that
+    called exit() (not exit_group) shows as a zombie while the other threads run on.
+    """
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -248,13 +344,24 @@ def _processes_of_uid(uid: int) -> list[int]:
         try:
             if os.stat(f"/proc/{name}").st_uid != uid:
                 continue
-            with open(f"/proc/{name}/stat", "rb") as f:
+            if _thread_group_alive(int(name)):
+                pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
+def _thread_group_alive(pid: int) -> bool:
+    """Whether any thread of thread group `pid` is alive (not a zombie); raises OSError if it is gone."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
         if state not in (b"Z", b"X"):
-            pids.append(int(name))
-    return pids
+            return True
+    return False
 
 
 def _kill_all_of_uid(uid: int, timeout_s: float = 2.0) -> int:
@@ -645,17 +752,18 @@ def _run(program, stdin_bytes, timeout_s, memory_mb, cpu_time_s, max_output_byte
     server = launcher_pid = None
     notes: list[str] = []
     try:
-        if os.geteuid() == 0:
-            lease = _acquire_uid()
-        workdir = tempfile.mkdtemp(prefix="nemotron-jax-sandbox-")
+        lease = _acquire_lease()
+        lease.begin_run()
+        # Owned by the caller, mode 0700: the program reaches it only through its private tmpfs, or, without
+        # one, after the launcher hands the directory to the sandbox uid. A directory left by a killed
+        # caller is then unreadable to other uids and removed before its uid runs again (`_Lease`).
+        workdir = tempfile.mkdtemp(prefix=lease.workdir_prefix)
         program_path = os.path.join(workdir, _PROGRAM_FILE)
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(program)
         os.chmod(program_path, 0o444)
-        if lease is not None:
-            os.chown(workdir, lease.uid, lease.uid)
-        uid = lease.uid if lease is not None else -1
-        nproc = max_processes if lease is not None else _task_count_of_uid(os.getuid()) + max_processes
+        uid = lease.uid
+        nproc = max_processes if uid >= 0 else _task_count_of_uid(os.getuid()) + max_processes
         cpu_limit = int(math.ceil(cpu_time_s if cpu_time_s is not None else math.ceil(timeout_s) + 1))
 
         stdin_fd = _stdin_file(stdin_bytes)
@@ -681,8 +789,7 @@ def _run(program, stdin_bytes, timeout_s, memory_mb, cpu_time_s, max_output_byte
             _kill_group(launcher_pid)
             # Without a PID namespace, a process that left the process group (setsid) is still running
             # under the run's uid; with a dedicated uid (never the shared fallback), kill every one of them.
-            dedicated_uid = lease is not None and lease.lock_fd is not None
-            if dedicated_uid and "pid_namespace" not in _parse_status(status_bytes)["isolation"]:
+            if lease.dedicated_uid and "pid_namespace" not in _parse_status(status_bytes)["isolation"]:
                 survivors = _kill_all_of_uid(lease.uid)
                 if survivors:
                     notes.append(f"killed {survivors} leftover process(es) of the sandbox uid")
@@ -706,6 +813,8 @@ def _run(program, stdin_bytes, timeout_s, memory_mb, cpu_time_s, max_output_byte
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         if lease is not None:
+            if workdir is None or not os.path.exists(workdir):
+                lease.end_run()  # otherwise left marked: the next holder of the slot removes the directory
             lease.release()
 
 

@@ -38,21 +38,36 @@ def _sandbox_dirs() -> set[str]:
     return {name for name in os.listdir(root) if name.startswith("nemotron-jax-sandbox-")}
 
 
-def _sandbox_uid_processes() -> list[int]:
+def _sandbox_uid_processes(grace_s: float = 2.0) -> list[int]:
+    """Thread groups of a sandbox uid with a live thread (a zombie main thread with running threads counts),
+    polled for up to `grace_s` (processes killed a moment ago may still be exiting)."""
     first, last = sandbox._UID_BLOCK_START, sandbox._UID_BLOCK_START + sandbox._UID_BLOCK_SIZE
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    deadline = time.monotonic() + grace_s
+    while True:
+        pids = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                uid = os.stat(f"/proc/{name}").st_uid
+                if (first <= uid < last or uid == sandbox._NOBODY_UID) and _thread_group_alive(int(name)):
+                    pids.append(int(name))
+            except OSError:
+                continue
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+def _thread_group_alive(pid: int) -> bool:
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            uid = os.stat(f"/proc/{name}").st_uid
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                    return True
         except (OSError, IndexError):
             continue
-        if (first <= uid < last or uid == sandbox._NOBODY_UID) and state != b"Z":
-            pids.append(int(name))
-    return pids
+    return False
 
 
 def _processes_with_marker(marker: str) -> list[int]:
