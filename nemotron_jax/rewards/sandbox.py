@@ -24,12 +24,15 @@ What is isolated, and how:
 | disk filling / big writes | `RLIMIT_FSIZE` per file, and the working directory is a tmpfs of `max_file_bytes` in total | mount namespace for the tmpfs |
 | writing/deleting files outside the working directory | whole mount tree re-mounted read-only (and nosuid) in a private mount namespace; the program also runs as an unprivileged uid | mount namespace; root for the uid |
 | reading the caller's environment | the program gets a fresh environment (`PATH`, `LANG`, `LC_ALL`, `HOME`, `TMPDIR` only) in an interpreter started with `-I -S`; other processes' `/proc/PID/environ` are out of reach (PID namespace, other uid) | - |
-| network access | a new, empty network namespace (only a down loopback: connecting to 127.0.0.1 fails; abstract unix sockets are separate too) | network namespace |
+| network access | a new, empty network namespace (only a down loopback: connecting to 127.0.0.1 fails; abstract unix sockets are separate too); without one, the seccomp filter refuses AF_INET/AF_INET6 sockets | network namespace, or seccomp |
+| other socket families (AF_VSOCK reaches the hypervisor and is not network-namespaced; netlink, packet, ...) | seccomp filter: `socket`/`socketpair` only for AF_UNIX (and AF_INET/AF_INET6 inside the empty network namespace), else EAFNOSUPPORT; io_uring (which can open sockets by itself) is refused | seccomp (x86_64, aarch64) |
+| data left for a later run in kernel keyrings (they persist per uid) | seccomp filter: `add_key`/`keyctl`/`request_key` fail with EPERM, as in Docker's default profile | seccomp |
+| system calls through another ABI (i386 `int 0x80`, x32 numbers), which would dodge the filter | the filter kills the process | seccomp |
 | killing the caller / other processes | PID namespace (the caller's pids do not exist for the program; `/proc` shows only the sandbox) and an unprivileged uid (cannot signal root's processes) | PID namespace; root for the uid |
-| processes that outlive the program | the program's supervisor is pid 1 of the PID namespace: when the program exits, the kernel kills everything left in the namespace; without a PID namespace the caller SIGKILLs the process group and every process of the run's dedicated uid | PID namespace, or root for the uid sweep |
+| processes that outlive the program | the program's supervisor is pid 1 of the PID namespace: when the program exits, the kernel kills everything left in the namespace; without a PID namespace the caller SIGKILLs the process group and every thread group of the run's dedicated uid that has a live thread (a main thread that exited alone leaves a zombie leader whose other threads run on) | PID namespace, or root for the uid sweep |
 | unbounded output | stdout and stderr are read incrementally, `max_output_bytes` each; beyond that the run is killed (`output_too_large`) | - |
 | privilege escalation through setuid binaries | `PR_SET_NO_NEW_PRIVS`, nosuid mounts, all capabilities dropped with the uid change | - |
-| the caller dying mid-run | the fork server exits when its socket to the caller closes; launcher and supervisor have `PR_SET_PDEATHSIG(SIGKILL)` | - |
+| the caller dying mid-run | the fork server exits when its socket to the caller closes; launcher and supervisor have `PR_SET_PDEATHSIG(SIGKILL)`. The working directory on the host is the caller's (mode 0700, the program reaches it through its tmpfs) and each run holds a slot lease marked "running": the next run that takes the slot (or the next process's first run) removes what a killed caller left, and kills the uid's leftover processes, before its program starts | - |
 
 What is NOT isolated:
 
@@ -42,8 +45,8 @@ What is NOT isolated:
   memory that is never mapped (memfd files, pipe buffers) is bounded only by `max_file_bytes` per file
   times `max_open_files`. If memory does run out, `oom_score_adj` 1000 makes the sandbox's processes the
   OOM killer's first victims, and killing them frees all of it.
-- No seccomp filter: every system call is allowed; the namespaces, the uid and the read-only mounts are the
-  boundary. Kernel vulnerabilities are out of scope.
+- The seccomp filter allows every other system call (a deny list, not Docker's allow list); the namespaces,
+  the uid and the read-only mounts are the main boundary. Kernel vulnerabilities are out of scope.
 - Unix sockets in the (read-only) file tree that are writable by "others" can still be connected to.
 - `/dev/shm` is read-only, so `multiprocessing` locks do not work inside the sandbox.
 - All runs of one caller are forks of one interpreter, so they share its string-hash seed (set iteration
@@ -56,10 +59,11 @@ silently):
   namespaces inside it. The program keeps the caller's uid (mapped to itself): it can read every file the
   caller can, and `RLIMIT_NPROC` counts the caller's own tasks too (the limit is set to the caller's current
   task count plus `max_processes`); the PID namespace still keeps it away from the caller's processes.
-- No namespaces at all (old kernel, locked-down container, `namespaces=False`): no network isolation, no
-  read-only file tree, the working directory is a plain temporary directory. As root, the uid drop still
-  protects root-owned files, keeps `RLIMIT_NPROC` effective and lets the caller sweep every process of the
-  run's uid. As a non-root user without namespaces the program runs with the caller's uid and could signal
+- No seccomp (another architecture, or a kernel without it): other socket families and keyrings are open.
+- No namespaces at all (old kernel, locked-down container, `namespaces=False`): network sockets are refused
+  only by the seccomp filter (the host's abstract unix sockets stay reachable), no read-only file tree, the
+  working directory is a plain temporary directory. As root, the uid drop still protects root-owned files,
+  keeps `RLIMIT_NPROC` effective and lets the caller sweep every process of the run's uid. As a non-root user without namespaces the program runs with the caller's uid and could signal
   the caller's processes. `sandbox_capabilities().degradations` lists what is missing.
 - A mount step that fails (e.g. no `mount_setattr` and a mount that cannot be remounted) is reported as a
   warning in `SandboxResult.message` and drops `read_only_root` / `private_tmpfs_workdir` from `isolation`.
@@ -165,7 +169,12 @@ class SandboxCapabilities:
 
     @property
     def network_isolated(self) -> bool:
-        return "net_namespace" in self.isolation
+        """No network: an empty network namespace, or (without one) the seccomp filter refusing inet sockets."""
+        return "net_namespace" in self.isolation or "inet_sockets_blocked" in self.isolation
+
+    @property
+    def seccomp_filter(self) -> bool:
+        return "seccomp_filter" in self.isolation
 
     @property
     def pid_namespace(self) -> bool:
@@ -494,12 +503,18 @@ def _probe_capabilities() -> SandboxCapabilities:
         return SandboxCapabilities(frozenset(), None, ("no Python interpreter runs inside the sandbox",), problems)
     result = _run("pass\n", b"", 10.0, 256, None, 4096, 1 << 20, 16, 64, python, probe.namespaces_usable)
     isolation = frozenset(result.isolation)
+    no_netns = "no network namespace: the program can open network connections"
+    if "inet_sockets_blocked" in isolation:
+        no_netns = ("no network namespace: inet sockets are refused by the seccomp filter, but the host's abstract "
+                    "unix sockets can be reached")
     missing = {
-        "net_namespace": "no network namespace: the program can open network connections",
+        "net_namespace": no_netns,
         "pid_namespace": "no PID namespace: the program can see other processes",
         "read_only_root": "file tree not read-only: the program can write wherever its uid may (e.g. /tmp)",
         "private_tmpfs_workdir": "working directory is on the host disk (only RLIMIT_FSIZE per file)",
         "unprivileged_uid": "program runs with the caller's uid (it can read every file the caller can)",
+        "seccomp_filter": "no seccomp filter: the program can open any socket family (e.g. AF_VSOCK to the "
+                          "hypervisor) and use kernel keyrings that outlive the run",
     }
     degradations = [text for name, text in missing.items() if name not in isolation]
     if not probe.namespaces_usable:
