@@ -114,6 +114,10 @@ def test_rl_record_string_agent_ref_and_string_input():
           "instruction_id_list": ["a", "b"], "kwargs": [{}]}, "kwargs"),
         ({"responses_create_params": {"input": "q"}, "agent_ref": "ifeval_agent",
           "instruction_id_list": "punctuation:no_comma", "kwargs": [{}]}, "instruction_id_list"),
+        # Roles out of order (issue 11): a prompt that opens with an assistant turn.
+        ({"responses_create_params": {"input": [{"role": "assistant", "content": "a"},
+                                                {"role": "user", "content": "q"}]}, "agent_ref": "math_agent"},
+         "responses_create_params.input[0].role"),
     ],
 )
 def test_rl_record_errors_name_the_field(record, field):
