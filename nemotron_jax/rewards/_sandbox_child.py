@@ -562,8 +562,9 @@ def _launch(config, env, status: Status) -> int:
                 # The caller made the directory 0700 for itself; the program works in it on the host disk.
                 os.chown(config["workdir"], int(config["uid"]), int(config["gid"]))
         mechanisms.add("no_new_privs")
-        if _seccomp_problem:
-            status.send(f"warn no seccomp filter: {_seccomp_problem}")
+        seccomp_problem = _seccomp_problem if config.get("seccomp", "1") == "1" else "turned off by the caller"
+        if seccomp_problem:
+            status.send(f"warn no seccomp filter: {seccomp_problem}")
         else:
             mechanisms.add("seccomp_filter")
             if "net_namespace" not in mechanisms:

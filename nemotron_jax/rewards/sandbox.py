@@ -115,6 +115,8 @@ _NOBODY_UID = 65534
 _UID_LOCK_DIR = os.path.join(tempfile.gettempdir(), "nemotron_jax_sandbox_uid_locks")
 
 _PROGRAM_PATH_ENV = "/usr/local/bin:/usr/bin:/bin"
+# False runs without the seccomp filter, as on a machine that has none (tests of the degraded mode only).
+_USE_SECCOMP = True
 
 
 class SandboxStatus(str, enum.Enum):
@@ -791,7 +793,7 @@ def _run(program, stdin_bytes, timeout_s, memory_mb, cpu_time_s, max_output_byte
             "workdir": workdir, "program_file": _PROGRAM_FILE, "uid": uid, "gid": uid,
             "namespaces": int(bool(namespaces)), "tmpfs_bytes": max_file_bytes, "tmpfs_inodes": _TMPFS_INODES,
             "cpu_s": cpu_limit, "as_bytes": memory_mb * 1024 * 1024, "fsize_bytes": max_file_bytes,
-            "nofile": max_open_files, "nproc": nproc,
+            "nofile": max_open_files, "nproc": nproc, "seccomp": int(_USE_SECCOMP),
         }
         env = {"PATH": _PROGRAM_PATH_ENV, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         items = [f"{key}={value}" for key, value in config.items()] + [f"env:{k}={v}" for k, v in env.items()]

@@ -429,13 +429,14 @@ def test_concurrent_runs_are_independent(caps):
 def test_capabilities_are_reported(caps):
     # On this project's machines (root in a container) everything is available; elsewhere the
     # degradations must say what is missing rather than pass silently.
-    expected = {"net_namespace", "pid_namespace", "read_only_root", "unprivileged_uid"}
+    expected = {"net_namespace", "pid_namespace", "read_only_root", "unprivileged_uid", "seccomp_filter"}
     assert caps.fully_isolated == expected.issubset(caps.isolation)
-    for name, flag in [("net_namespace", caps.network_isolated), ("pid_namespace", caps.pid_namespace),
+    for name, flag in [("pid_namespace", caps.pid_namespace), ("seccomp_filter", caps.seccomp_filter),
                        ("read_only_root", caps.filesystem_read_only), ("unprivileged_uid", caps.unprivileged_uid)]:
         assert flag == (name in caps.isolation)
     if os.geteuid() == 0:
         assert caps.unprivileged_uid
+    assert caps.network_isolated == ("net_namespace" in caps.isolation or "inet_sockets_blocked" in caps.isolation)
     degraded = run_sandboxed("print(1)", namespaces=False, **LIMITS)
     assert "net_namespace" not in degraded.isolation and degraded.passed
 
@@ -742,3 +743,20 @@ def test_caller_killed_mid_run_leaves_nothing_a_later_run_can_read(caps, namespa
         assert later.passed and later.stdout == "done\n", later
     sandbox._sweep_stale_slots()  # what the next process's first run does
     assert _sandbox_dirs() - dirs_before == set()
+
+
+def test_without_seccomp_the_degradation_is_reported(caps, monkeypatch):
+    """Where the filter cannot be installed (another architecture, a kernel without seccomp), runs go on
+    without it and say so, in `sandbox_capabilities()` and in each result."""
+    monkeypatch.setattr(sandbox, "_USE_SECCOMP", False)
+    monkeypatch.setattr(sandbox, "_capabilities_cache", None)
+    degraded = sandbox_capabilities()
+    assert not degraded.seccomp_filter and not degraded.fully_isolated
+    assert any(line.startswith("no seccomp filter") for line in degraded.degradations), degraded.degradations
+    result = run_sandboxed("import socket\nsocket.socket(40, socket.SOCK_STREAM).close()\nprint('vsock open')",
+                           **LIMITS)
+    assert "seccomp_filter" not in result.isolation and "no seccomp filter" in result.message
+    assert result.status in (SandboxStatus.PASSED, SandboxStatus.FAILED)  # FAILED where the host has no vsock
+    monkeypatch.undo()
+    sandbox._capabilities_cache = None
+    assert sandbox_capabilities().isolation == caps.isolation
