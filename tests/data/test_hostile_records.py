@@ -80,19 +80,11 @@ def test_proper_surrogate_pairs_and_ordinary_nesting_are_fine(tmp_path, sp_token
     assert iterator.stats.examples == 2
 
 
-def _corrupt_parquet(tmp_path, rl_records):
-    import pyarrow as pa
+def _corrupt_parquet(tmp_path, rl_records, rl_parquet_writer):
     import pyarrow.parquet as pq
 
-    records = []
-    for record in rl_records[:32]:
-        record = dict(record)
-        if isinstance(record["agent_ref"], str):
-            record["agent_ref"] = {"type": "responses_api_agents", "name": record["agent_ref"]}
-        records.append(record)
     path = tmp_path / "rl.parquet"
-    columns = sorted({key for record in records for key in record})
-    pq.write_table(pa.Table.from_pydict({key: [r.get(key) for r in records] for key in columns}), path, row_group_size=8)
+    rl_parquet_writer(path, rl_records[:32], row_group_size=8)
     chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
     start = chunk.dictionary_page_offset or chunk.data_page_offset
     data = bytearray(path.read_bytes())
@@ -102,8 +94,8 @@ def _corrupt_parquet(tmp_path, rl_records):
     return path
 
 
-def test_corrupt_parquet_page_falls_under_the_bad_record_policy(tmp_path, rl_records, sp_tokenizer):
-    path = _corrupt_parquet(tmp_path, rl_records)
+def test_corrupt_parquet_page_falls_under_the_bad_record_policy(tmp_path, rl_records, sp_tokenizer, rl_parquet_writer):
+    path = _corrupt_parquet(tmp_path, rl_records, rl_parquet_writer)
     with pytest.raises(RecordError) as caught:
         list(_rl(ParquetSource(path), sp_tokenizer, shuffle=False))
     assert caught.value.path == str(path) and caught.value.line == 8  # row 8: the first of row group 1
