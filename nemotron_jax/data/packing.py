@@ -52,7 +52,9 @@ class OverlongExampleError(ValueError):
         """`at_least`: `length` is a lower bound, from the text's length (the example was not tokenized)."""
         self.ref, self.length, self.row_length, self.at_least = ref, length, row_length, at_least
         where = str(ref) if ref is not None else "an example"
-        count = f"at least {length} tokens (judged from its characters; not tokenized)" if at_least else f"{length} tokens"
+        count = f"{length} tokens"
+        if at_least:
+            count = f"at least {length} tokens (judged from its characters; not tokenized)"
         super().__init__(
             f"{where}: {count} do not fit a packed row of {row_length} tokens "
             "(raise row_length, or pass on_overlong='truncate' or 'skip' to truncate or drop and count such examples)"

@@ -668,7 +668,9 @@ class PrepareRLPrompt(_ReadAndConvert):
         if limit is not None and length > limit:
             if config.on_overlong == "raise":
                 where = str(record.ref) if record.ref is not None else "a prompt"
-                count = f"at least {length} tokens (judged from its characters)" if rendered is None else f"{length} tokens"
+                count = f"{length} tokens"
+                if rendered is None:
+                    count = f"at least {length} tokens (judged from its characters)"
                 raise ValueError(
                     f"{where}: prompt of {count} exceeds max_prompt_length={limit} "
                     "(pass on_overlong='skip' to drop and count such prompts)"

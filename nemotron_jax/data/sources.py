@@ -219,8 +219,6 @@ class ParquetSource:
     """
 
     def __init__(self, paths: PathOrPaths, *, columns: Sequence[str] | None = None, cached_row_groups: int = 4):
-        import pyarrow.parquet as pq
-
         self._paths = expand_paths(paths)
         self._columns = list(columns) if columns is not None else None
         self._cached_row_groups = max(1, cached_row_groups)
@@ -297,7 +295,8 @@ class ParquetSource:
         try:
             fields = table.slice(offset, 1).to_pylist()[0]
         except _parquet_errors() as error:  # e.g. a string column holding invalid UTF-8
-            raise RecordError(self.ref(index), None, f"cannot decode the row ({type(error).__name__}: {error})") from None
+            reason = f"cannot decode the row ({type(error).__name__}: {error})"
+            raise RecordError(self.ref(index), None, reason) from None
         return SourceRecord(fields, self.ref(index))
 
     def __getstate__(self) -> dict[str, Any]:

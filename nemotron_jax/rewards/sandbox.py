@@ -63,8 +63,9 @@ silently):
 - No namespaces at all (old kernel, locked-down container, `namespaces=False`): network sockets are refused
   only by the seccomp filter (the host's abstract unix sockets stay reachable), no read-only file tree, the
   working directory is a plain temporary directory. As root, the uid drop still protects root-owned files,
-  keeps `RLIMIT_NPROC` effective and lets the caller sweep every process of the run's uid. As a non-root user without namespaces the program runs with the caller's uid and could signal
-  the caller's processes. `sandbox_capabilities().degradations` lists what is missing.
+  keeps `RLIMIT_NPROC` effective and lets the caller sweep every process of the run's uid. As a non-root
+  user without namespaces the program runs with the caller's uid and could signal the caller's processes.
+  `sandbox_capabilities().degradations` lists what is missing.
 - A mount step that fails (e.g. no `mount_setattr` and a mount that cannot be remounted) is reported as a
   warning in `SandboxResult.message` and drops `read_only_root` / `private_tmpfs_workdir` from `isolation`.
 

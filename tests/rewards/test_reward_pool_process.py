@@ -4,7 +4,6 @@ what to add. Each test runs a small script in a subprocess, as a user would."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -685,6 +685,13 @@ run_sandboxed("SECRET = %r\\nimport time\\ntime.sleep(60)\\n", timeout_s=60, mem
 """
 
 
+def _uid_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def _process_tree(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
@@ -719,7 +726,7 @@ def test_caller_killed_mid_run_leaves_nothing_a_later_run_can_read(caps, namespa
         assert caller.stdout.readline() == "starting\n"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # until the program runs under the sandbox uid
-            if any(os.stat(f"/proc/{pid}").st_uid != 0 for pid in _process_tree(caller.pid) if os.path.exists(f"/proc/{pid}")):
+            if any(_uid_of(pid) not in (None, 0) for pid in _process_tree(caller.pid)):
                 break
             time.sleep(0.05)
         time.sleep(0.2)
