@@ -27,18 +27,26 @@ only. `train_on="all"` trains every assistant turn as rendered.
 Token ids are produced segment by segment (each segment encoded on its own, then concatenated), so the mask is exact
 by construction; segment boundaries always sit next to a special token (`<think>`, `<|im_end|>`), where
 tokenizers split anyway, so the ids equal `tokenizer.encode(text)` for the tokenizers of this package.
+
+Control strings inside content (`literal_content`): by default (False, the behaviour of the released template
+and of `tokenizer.encode`) a message that contains `<|im_end|>`, `<think>`, `<tool_call>`, ... gets those
+strings as the control tokens themselves, and an assistant content holding `<think>...</think>` is read as
+inline reasoning. With `literal_content=True`, the content of every message (and reasoning, tool calls,
+tool definitions) is plain text: such strings are encoded as ordinary text tokens (the token ids never
+contain a control token that the template did not put there), and only `reasoning_content` carries
+reasoning. The rendered text is the same; for content without control strings so are the token ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 
-from nemotron_jax.data.tokenizer import IM_END, IM_START, THINK_CLOSE, THINK_OPEN, Tokenizer
+from nemotron_jax.data.tokenizer import CHAT_SPECIAL_TOKENS, IM_END, IM_START, THINK_CLOSE, THINK_OPEN, Tokenizer
 
 EMPTY_THINK = THINK_OPEN + THINK_CLOSE
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
@@ -306,10 +314,103 @@ def _assistant_body(message: Message, *, keep_reasoning: bool, instruct: bool) -
 
 @dataclasses.dataclass(frozen=True)
 class ChatSegment:
-    """A piece of rendered text and whether its tokens are trained (loss mask 1)."""
+    """A piece of rendered text and whether its tokens are trained (loss mask 1).
+
+    `breaks`: positions in `text` where encoding must split the text (`literal_content`): each one falls
+    inside a control string that came from content, so the tokenizer cannot turn it into a control token.
+    """
 
     text: str
     trained: bool
+    breaks: tuple[int, ...] = ()
+
+
+# ------------------------------------------------------------------------------------ literal content
+#
+# Content is made inert before rendering: in every content string, the first character of each control string
+# found there (and of a control string cut off at the end of the string, which template text might complete)
+# is swapped for a private-use character that occurs nowhere in the conversation. The template then renders
+# as usual (it sees no control strings in content), and `_restore` swaps the characters back, recording a
+# break after each one.
+
+
+def _control_starts(text: str, controls: Sequence[str]) -> list[int]:
+    starts = set()
+    for control in controls:
+        position = text.find(control)
+        while position >= 0:
+            starts.add(position)
+            position = text.find(control, position + 1)
+        for cut in range(1, len(control)):  # a proper prefix of a control string at the end of the text
+            if text.endswith(control[:cut]):
+                starts.add(len(text) - cut)
+    return sorted(starts)
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`fn` applied to every string (keys included) of a JSON-like value."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {fn(key) if isinstance(key, str) else key: _map_strings(item, fn) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(item, fn) for item in value]
+    return value
+
+
+def _neutralize(
+    turns: list[Message], tools: Sequence[Mapping[str, Any]] | None, controls: Sequence[str]
+) -> tuple[list[Message], Any, dict[str, str]]:
+    """Turns and tools with control strings in content made inert; returns them and {placeholder: character}."""
+    controls = [control for control in controls if control]
+    seen: set[str] = set()
+
+    def collect(text: str) -> str:
+        seen.update(text)
+        return text
+
+    for turn in turns:
+        _map_strings([turn.content, turn.reasoning or "", [[c.name, c.arguments] for c in turn.tool_calls]], collect)
+    _map_strings(tools or [], collect)
+    placeholders: dict[str, str] = {}  # original first character -> placeholder
+    candidate = 0xE000
+    for first in sorted({control[0] for control in controls}):
+        while chr(candidate) in seen:
+            candidate += 1
+        placeholders[first] = chr(candidate)
+        candidate += 1
+
+    def inert(text: str) -> str:
+        starts = _control_starts(text, controls)
+        if not starts:
+            return text
+        chars = list(text)
+        for start in starts:
+            chars[start] = placeholders[chars[start]]
+        return "".join(chars)
+
+    neutral_turns = [
+        dataclasses.replace(
+            turn,
+            content=inert(turn.content),
+            reasoning=None if turn.reasoning is None else inert(turn.reasoning),
+            tool_calls=tuple(ToolCall(inert(c.name), _map_strings(c.arguments, inert)) for c in turn.tool_calls),
+        )
+        for turn in turns
+    ]
+    neutral_tools = None if tools is None else _map_strings(tools, inert)
+    return neutral_turns, neutral_tools, {placeholder: first for first, placeholder in placeholders.items()}
+
+
+def _restore(segment: ChatSegment, originals: dict[str, str]) -> ChatSegment:
+    if not any(placeholder in segment.text for placeholder in originals):
+        return segment
+    chars, breaks = list(segment.text), []
+    for index, char in enumerate(chars):
+        if char in originals:
+            chars[index] = originals[char]
+            breaks.append(index + 1)
+    return ChatSegment("".join(chars), segment.trained, tuple(breaks))
 
 
 def render_chat_segments(
@@ -319,15 +420,22 @@ def render_chat_segments(
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
     train_on: Literal["final", "all"] = "final",
+    literal_content: bool = False,
+    control_strings: Sequence[str] = CHAT_SPECIAL_TOKENS,
 ) -> list[ChatSegment]:
     """The conversation as text segments with their loss flags (see the module docstring for the format).
 
     A leading system message becomes the system prompt; the system turn is always rendered, empty if there is
-    neither a system message nor tools. Consecutive `tool` messages share one user turn.
+    neither a system message nor tools. Consecutive `tool` messages share one user turn. With
+    `literal_content`, the `control_strings` found in content are marked to be encoded as plain text (the
+    segments' `breaks`) and play no part in the template's structure (module docstring).
     """
     if train_on not in ("final", "all"):
         raise ValueError(f"train_on must be 'final' or 'all', got {train_on!r}")
     turns = normalize_messages(messages)
+    originals: dict[str, str] = {}
+    if literal_content:
+        turns, tools, originals = _neutralize(turns, tools, control_strings)
     system_prompt = ""
     if turns and turns[0].role == "system":
         system_prompt = turns[0].content
@@ -372,6 +480,8 @@ def render_chat_segments(
 
     if add_generation_prompt:
         emit(f"{IM_START}assistant\n" + (f"{THINK_OPEN}\n" if enable_thinking else EMPTY_THINK))
+    if originals:
+        segments = [_restore(segment, originals) for segment in segments]
     return segments
 
 
@@ -381,10 +491,12 @@ def render_chat_text(
     enable_thinking: bool = True,
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
+    literal_content: bool = False,
 ) -> str:
     """The rendered conversation as one string (no tokenizer needed)."""
     segments = render_chat_segments(
-        messages, enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt
+        messages, enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt,
+        literal_content=literal_content,
     )
     return "".join(segment.text for segment in segments)
 
@@ -413,6 +525,7 @@ def render_chat(
     tools: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
     train_on: Literal["final", "all"] = "final",
+    literal_content: bool = False,
 ) -> RenderedChat:
     """Renders and tokenizes a conversation; see the module docstring for the format and the loss mask.
 
@@ -423,6 +536,8 @@ def render_chat(
       tools: OpenAI function tools, rendered into the system prompt.
       add_generation_prompt: append the assistant header that starts a generation (for prompts).
       train_on: "final" (assistant turns after the last user message) or "all".
+      literal_content: encode control strings found in content (`<|im_end|>`, `<think>`, and every other
+        string `tokenizer.literal_token_strings()` names) as plain text; see the module docstring.
 
     Returns:
       `RenderedChat` with int32 [T] `token_ids` and `loss_mask`.
@@ -433,12 +548,32 @@ def render_chat(
         tools=tools,
         add_generation_prompt=add_generation_prompt,
         train_on=train_on,
+        literal_content=literal_content,
+        control_strings=literal_control_strings(tokenizer) if literal_content else CHAT_SPECIAL_TOKENS,
     )
+    return encode_segments(segments, tokenizer)
+
+
+def literal_control_strings(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The chat template's tokens plus every string the tokenizer matches as one token inside text."""
+    return tuple(dict.fromkeys((*CHAT_SPECIAL_TOKENS, *tokenizer.literal_token_strings())))
+
+
+def encode_segments(segments: Sequence[ChatSegment], tokenizer: Tokenizer) -> RenderedChat:
+    """Tokenizes rendered segments (each on its own, split at its `breaks`) into a `RenderedChat`."""
+    pieces: list[str] = []
+    owners: list[int] = []
+    for index, segment in enumerate(segments):
+        bounds = (0, *segment.breaks, len(segment.text))
+        for start, end in zip(bounds, bounds[1:]):
+            if end > start:
+                pieces.append(segment.text[start:end])
+                owners.append(index)
     ids: list[int] = []
     mask: list[int] = []
-    for segment, segment_ids in zip(segments, tokenizer.encode_batch([segment.text for segment in segments])):
-        ids.extend(segment_ids)
-        mask.extend([int(segment.trained)] * len(segment_ids))
+    for owner, piece_ids in zip(owners, tokenizer.encode_batch(pieces)):
+        ids.extend(piece_ids)
+        mask.extend([int(segments[owner].trained)] * len(piece_ids))
     return RenderedChat(
         token_ids=np.asarray(ids, dtype=np.int32),
         loss_mask=np.asarray(mask, dtype=np.int32),

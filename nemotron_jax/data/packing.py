@@ -48,16 +48,20 @@ class TokenizedExample:
 class OverlongExampleError(ValueError):
     """An example longer than a packed row, with `on_overlong="raise"`."""
 
-    def __init__(self, ref: RecordRef | None, length: int, row_length: int):
-        self.ref, self.length, self.row_length = ref, length, row_length
+    def __init__(self, ref: RecordRef | None, length: int, row_length: int, at_least: bool = False):
+        """`at_least`: `length` is a lower bound, from the text's length (the example was not tokenized)."""
+        self.ref, self.length, self.row_length, self.at_least = ref, length, row_length, at_least
         where = str(ref) if ref is not None else "an example"
+        count = f"{length} tokens"
+        if at_least:
+            count = f"at least {length} tokens (judged from its characters; not tokenized)"
         super().__init__(
-            f"{where}: {length} tokens do not fit a packed row of {row_length} tokens "
+            f"{where}: {count} do not fit a packed row of {row_length} tokens "
             "(raise row_length, or pass on_overlong='truncate' or 'skip' to truncate or drop and count such examples)"
         )
 
     def __reduce__(self):
-        return (OverlongExampleError, (self.ref, self.length, self.row_length))
+        return (OverlongExampleError, (self.ref, self.length, self.row_length, self.at_least))
 
 
 def assign_rows(

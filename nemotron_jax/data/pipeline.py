@@ -31,13 +31,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import grain
 import numpy as np
 
-from nemotron_jax.data.chat_template import ChatFormatError, render_chat
+from nemotron_jax.data.chat_template import (
+    CHAT_SPECIAL_TOKENS,
+    ChatFormatError,
+    ChatSegment,
+    encode_segments,
+    literal_control_strings,
+    render_chat_segments,
+)
 from nemotron_jax.data.packing import (
+    OverlongExampleError,
     PackingStrategy,
     TokenizedExample,
     assign_rows,
@@ -102,6 +111,35 @@ def record_indices(
         indices = indices.shuffle(seed=seed)
     indices = indices.repeat(num_epochs)
     return indices[shard_index::shard_count]
+
+
+def _render_segments(messages, tools, tokenizer: Tokenizer, *, literal_content: bool, **options) -> list[ChatSegment]:
+    return render_chat_segments(
+        messages,
+        tools=tools,
+        literal_content=literal_content,
+        control_strings=literal_control_strings(tokenizer) if literal_content else CHAT_SPECIAL_TOKENS,
+        **options,
+    )
+
+
+def _min_tokens(segments: Sequence[ChatSegment], tokenizer: Tokenizer) -> int:
+    """A lower bound on the token count of `segments`, from their length alone (0 if the tokenizer gives no
+    bound): each token stands for at most `tokenizer.max_token_chars` characters."""
+    per_token = tokenizer.max_token_chars
+    return sum(len(segment.text) for segment in segments) // per_token if per_token else 0
+
+
+def _cut_segments(segments: Sequence[ChatSegment], max_chars: int) -> list[ChatSegment]:
+    """The first `max_chars` characters of the segments (for truncating a huge example before tokenizing)."""
+    kept: list[ChatSegment] = []
+    for segment in segments:
+        if max_chars <= 0:
+            break
+        text = segment.text[:max_chars]
+        kept.append(ChatSegment(text, segment.trained, tuple(b for b in segment.breaks if b < len(text))))
+        max_chars -= len(text)
+    return kept
 
 
 def _check_policy(on_bad_record: str) -> None:
@@ -199,11 +237,17 @@ class SFTDataConfig:
       sort_by_length: pack each window longest first (first-fit / best-fit decreasing).
       packing_window: examples packed together; the rows of a window are emitted in a seeded random order.
       on_overlong: examples longer than `row_length`: "raise" (names the record), "truncate" or "skip"
-        (both counted in `stats`).
+        (both counted in `stats`). An example whose rendered text is longer than `row_length` tokens can
+        possibly hold (`row_length * tokenizer.max_token_chars` characters) is judged before tokenizing:
+        raised or skipped untokenized, and for "truncate" only its first `2 * row_length * max_token_chars`
+        characters are tokenized (tokens that far from the cut come out as in a full tokenization).
       on_bad_record: "raise" or "skip" (counted in `stats.bad_records_skipped`).
       enable_thinking: chat template mode. True keeps each sample's reasoning (samples without reasoning render
         as `<think></think>answer`); False renders every sample in instruct mode.
       train_on: "final" (assistant turns after the last user message) or "all" assistant turns.
+      literal_content: False (default, as the released template): control strings such as `<|im_end|>` or
+        `<think>` inside message content become control tokens. True: they are encoded as plain text, so
+        content cannot inject template structure (see `chat_template`); clean content tokenizes the same.
       drop_remainder: drop a last incomplete batch; otherwise it is filled with all-padding rows.
       seed, shuffle, num_epochs: record order; `num_epochs=None` repeats forever.
       pad_id: None uses `tokenizer.pad_id`.
@@ -219,6 +263,7 @@ class SFTDataConfig:
     on_bad_record: BadRecordPolicy = "raise"
     enable_thinking: bool = True
     train_on: Literal["final", "all"] = "final"
+    literal_content: bool = False
     drop_remainder: bool = False
     seed: int = 0
     shuffle: bool = True
@@ -240,22 +285,44 @@ class TokenizeSFTRecord(_ReadAndConvert):
         enable_thinking: bool,
         train_on: str,
         on_bad_record: BadRecordPolicy,
+        row_length: int | None = None,
+        on_overlong: str = "raise",
+        literal_content: bool = False,
     ):
         super().__init__(source, on_bad_record)
         self._tokenizer = tokenizer
         self._enable_thinking = enable_thinking
         self._train_on = train_on
+        self._row_length = row_length
+        self._on_overlong = on_overlong
+        self._literal_content = literal_content
 
-    def convert(self, record: SourceRecord) -> TokenizedExample:
+    def convert(self, record: SourceRecord) -> TokenizedExample | _OverlongExample:
         conversation = parse_sft_record(record.fields, record.ref)
-        rendered = render_chat(
+        segments = _render_segments(
             conversation.messages,
+            conversation.tools,
             self._tokenizer,
+            literal_content=self._literal_content,
             enable_thinking=self._enable_thinking,
-            tools=conversation.tools,
             train_on=self._train_on,
         )
+        if self._row_length is not None and (at_least := _min_tokens(segments, self._tokenizer)) > self._row_length:
+            if self._on_overlong == "raise":
+                raise OverlongExampleError(record.ref, at_least, self._row_length, at_least=True)
+            if self._on_overlong == "skip":
+                return _OverlongExample(record.ref, at_least)
+            segments = _cut_segments(segments, 2 * self._row_length * self._tokenizer.max_token_chars)
+        rendered = encode_segments(segments, self._tokenizer)
         return TokenizedExample(rendered.token_ids, rendered.loss_mask, record.ref)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OverlongExample:
+    """An SFT example skipped as over-long from its text length alone (never tokenized)."""
+
+    ref: RecordRef | None
+    min_tokens: int
 
 
 @dataclasses.dataclass
@@ -338,6 +405,10 @@ class PackedSFTBatchIterator(_CountingIterator):
             if isinstance(item, BadRecord):
                 if count:
                     self._skip_bad_record(item)
+                continue
+            if isinstance(item, _OverlongExample):
+                if count:
+                    self.stats.skipped_overlong_examples += 1
                 continue
             fitted = fit_to_row(item, config.row_length, config.on_overlong)
             if fitted is None:
@@ -456,6 +527,9 @@ def sft_dataset(
         enable_thinking=config.enable_thinking,
         train_on=config.train_on,
         on_bad_record=config.on_bad_record,
+        row_length=config.row_length,
+        on_overlong=config.on_overlong,
+        literal_content=config.literal_content,
     )
     examples = _converted_records(source, tokenize, config, shard_index, shard_count)
     pad_id = tokenizer.pad_id if config.pad_id is None else config.pad_id
@@ -536,7 +610,10 @@ class RLDataConfig:
       batch_size: prompts per batch (per process); rollouts per prompt are the trainer's business.
       enable_thinking: generation prompt mode (Cascade RL rolls out in thinking mode).
       max_prompt_length: prompts longer than this many tokens are handled by `on_overlong`; None: no limit.
+        A prompt longer than `max_prompt_length * tokenizer.max_token_chars` characters is judged so from its
+        text, without tokenizing it.
       on_overlong: "raise" (names the record) or "skip" (counted).
+      literal_content: encode control strings inside message content as plain text (see `SFTDataConfig`).
       on_bad_record: "raise" or "skip" (counted).
       default_agent_ref: for records without `agent_ref`; None makes a missing `agent_ref` an error.
       drop_remainder: drop a last incomplete batch.
@@ -548,6 +625,7 @@ class RLDataConfig:
     max_prompt_length: int | None = None
     on_overlong: Literal["raise", "skip"] = "raise"
     on_bad_record: BadRecordPolicy = "raise"
+    literal_content: bool = False
     default_agent_ref: str | None = None
     drop_remainder: bool = False
     seed: int = 0
@@ -575,19 +653,26 @@ class PrepareRLPrompt(_ReadAndConvert):
     def convert(self, record: SourceRecord) -> RLPrompt | _OverlongPrompt:
         config = self._config
         parsed = parse_rl_prompt_record(record.fields, record.ref, default_agent_ref=config.default_agent_ref)
-        rendered = render_chat(
+        segments = _render_segments(
             parsed.messages,
+            parsed.tools,
             self._tokenizer,
+            literal_content=config.literal_content,
             enable_thinking=config.enable_thinking,
-            tools=parsed.tools,
             add_generation_prompt=True,
         )
-        length = int(rendered.token_ids.shape[0])
-        if config.max_prompt_length is not None and length > config.max_prompt_length:
+        limit = config.max_prompt_length
+        at_least = _min_tokens(segments, self._tokenizer) if limit is not None else 0
+        rendered = encode_segments(segments, self._tokenizer) if limit is None or at_least <= limit else None
+        length = at_least if rendered is None else int(rendered.token_ids.shape[0])
+        if limit is not None and length > limit:
             if config.on_overlong == "raise":
                 where = str(record.ref) if record.ref is not None else "a prompt"
+                count = f"{length} tokens"
+                if rendered is None:
+                    count = f"at least {length} tokens (judged from its characters)"
                 raise ValueError(
-                    f"{where}: prompt of {length} tokens exceeds max_prompt_length={config.max_prompt_length} "
+                    f"{where}: prompt of {count} exceeds max_prompt_length={limit} "
                     "(pass on_overlong='skip' to drop and count such prompts)"
                 )
             return _OverlongPrompt(record.ref, length)

@@ -78,6 +78,62 @@ class BadRecord:
     error: str
 
 
+# Deepest nesting of arrays/objects a record may have. The released formats nest about 10 deep (a tool's JSON
+# schema being the deepest part); far deeper nesting is garbage, and every recursive step downstream (Arrow,
+# pickling to Grain workers, json.dumps in the chat template) would hit Python's recursion limit on it.
+MAX_JSON_DEPTH = 64
+# A JSON string escape of a UTF-16 surrogate (\ud800-\udfff): only then can a lone surrogate appear.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def decode_json(raw: bytes | str, ref: RecordRef | None, field: str | None = None) -> Any:
+    """Decodes one JSON document, or raises `RecordError` naming `ref` and `field` for anything that is not a
+    usable record: invalid JSON or UTF-8, nesting deeper than `MAX_JSON_DEPTH` (Python's parser would raise
+    RecursionError), an integer longer than Python's conversion limit (4,300 digits by default), or a string
+    holding a lone UTF-16 surrogate such as `"\\ud800"` (valid JSON, but not encodable as UTF-8: the tokenizer
+    would fail on it)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise RecordError(ref, field, f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RecordError(ref, field, f"malformed JSON ({error})") from None
+    except ValueError as error:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise RecordError(ref, field, f"unusable JSON value ({error})") from None
+    encoded = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    _check_json_value(value, ref, field, check_surrogates=_SURROGATE_ESCAPE.search(encoded) is not None)
+    return value
+
+
+def _check_json_value(value: Any, ref: RecordRef | None, field: str | None, *, check_surrogates: bool) -> None:
+    """Depth limit, and (when the text had surrogate escapes) no lone surrogates, without recursion."""
+    stack = [(value, field or "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                where = path if len(path) <= 60 else path[:60] + "..."
+                raise RecordError(ref, where or field, f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in children:
+                if check_surrogates and isinstance(key, str):
+                    _check_text(key, ref, path or field)
+                child_path = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+                stack.append((child, child_path.lstrip("."), depth + 1))
+        elif check_surrogates and isinstance(item, str):
+            _check_text(item, ref, path or field)
+
+
+def _check_text(text: str, ref: RecordRef | None, field: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start : error.end]
+        raise RecordError(
+            ref, field, f"a lone UTF-16 surrogate {bad.encode('unicode_escape').decode()} (not valid Unicode text)"
+        ) from None
+
+
 def _require(fields: Mapping[str, Any], name: str, ref: RecordRef | None) -> Any:
     if name not in fields or fields[name] is None:
         raise RecordError(ref, name, "missing")
@@ -88,9 +144,9 @@ def _maybe_json(value: Any, field: str, ref: RecordRef | None) -> Any:
     """Some exports (Parquet, TFDS Text features) store nested fields as JSON strings."""
     if isinstance(value, (str, bytes)):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError as error:
-            raise RecordError(ref, field, f"a string that is not valid JSON ({error})") from error
+            return decode_json(value, ref, field)
+        except RecordError as error:
+            raise RecordError(ref, field, f"a string that is not valid JSON: {error.reason}") from None
     return value
 
 
@@ -118,10 +174,31 @@ def _messages(value: Any, field: str, ref: RecordRef | None) -> list[Message]:
         for message in value
     ]
     try:
-        return normalize_messages(cleaned)
+        messages = normalize_messages(cleaned)
     except ChatFormatError as error:
         # normalize_messages names fields from "messages"; re-anchor them under this record's field.
         raise RecordError(ref, field + error.field.removeprefix("messages"), error.reason) from error
+    _check_turn_order(messages, field, ref)
+    return messages
+
+
+def _check_turn_order(messages: Sequence[Message], field: str, ref: RecordRef | None) -> None:
+    """The conversation opens (after system messages) with a user turn, and tool results follow an assistant
+    turn (or another tool result). Anything else trains or prompts on a malformed chat: `RecordError`."""
+    first = next((i for i, message in enumerate(messages) if message.role != "system"), None)
+    if first is None:
+        raise RecordError(ref, field, "no user message (only system messages)")
+    if messages[first].role != "user":
+        raise RecordError(
+            ref, f"{field}[{first}].role", f"roles out of order: the first turn after the system prompt must be "
+            f"the user's, got {messages[first].role!r}"
+        )
+    for index in range(first + 1, len(messages)):
+        if messages[index].role == "tool" and messages[index - 1].role not in ("assistant", "tool"):
+            raise RecordError(
+                ref, f"{field}[{index}].role", f"roles out of order: a tool result must follow an assistant turn "
+                f"(or another tool result), not a {messages[index - 1].role!r} message"
+            )
 
 
 def _without_nulls(value: Any) -> Any:

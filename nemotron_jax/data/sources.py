@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import collections
 import glob
-import json
 import mmap
 import os
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nemotron_jax.data.records import RecordError, RecordRef, SourceRecord
+from nemotron_jax.data.records import RecordError, RecordRef, SourceRecord, decode_json
 
 PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -150,10 +149,7 @@ class JsonlSource:
         index = int(index)
         raw = self.read_line(index)  # raises IndexError out of range
         ref = self.ref(index)
-        try:
-            fields = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RecordError(ref, None, f"malformed JSON ({error})") from None
+        fields = decode_json(raw, ref)  # RecordError naming file and line for anything unusable
         if not isinstance(fields, dict):
             raise RecordError(ref, None, f"expected a JSON object, got {type(fields).__name__}")
         return SourceRecord(fields, ref)
@@ -182,6 +178,27 @@ class JsonlSource:
 # ------------------------------------------------------------------------------------------------ Parquet
 
 
+class _UndecodableGroup:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _parquet_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    # OSError: corrupt pages and headers ("Couldn't deserialize thrift"); ArrowInvalid (a ValueError) and
+    # UnicodeDecodeError: invalid values; every pyarrow error derives from ArrowException.
+    return (OSError, ValueError, pa.ArrowException)
+
+
+def _open_parquet(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    # Verifies page checksums where the writer stored them (pyarrow: write_table(..., write_page_checksum=True)),
+    # so a flipped bit in a data page is caught instead of decoded into wrong values.
+    return pq.ParquetFile(path, page_checksum_verification=True)
+
+
 class ParquetSource:
     """Random access to the rows of one or more Parquet files, each row as a `SourceRecord` of Python values.
 
@@ -190,6 +207,11 @@ class ParquetSource:
     Shuffled access over large row groups decodes a group per row; write such files with small row groups
     (e.g. `pyarrow.parquet.write_table(..., row_group_size=1000)`) or convert them to JSONL.
 
+    A row group that cannot be decoded (a corrupt page; a page whose CRC does not match, when the writer
+    stored page checksums) makes each of its rows raise `RecordError` naming the file, the row and the
+    group, so the pipeline's `on_bad_record` policy applies to it; a file whose footer cannot be read raises
+    `ValueError` naming the file when the source is built.
+
     Args:
       paths: file paths and/or glob patterns.
       columns: the columns to read (default: all).
@@ -197,8 +219,6 @@ class ParquetSource:
     """
 
     def __init__(self, paths: PathOrPaths, *, columns: Sequence[str] | None = None, cached_row_groups: int = 4):
-        import pyarrow.parquet as pq
-
         self._paths = expand_paths(paths)
         self._columns = list(columns) if columns is not None else None
         self._cached_row_groups = max(1, cached_row_groups)
@@ -207,7 +227,10 @@ class ParquetSource:
         group_starts = []
         total = 0
         for file_id, path in enumerate(self._paths):
-            metadata = pq.ParquetFile(path).metadata
+            try:
+                metadata = _open_parquet(path).metadata
+            except _parquet_errors() as error:
+                raise ValueError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
             row_in_file = 0
             for group in range(metadata.num_row_groups):
                 rows = metadata.row_group(group).num_rows
@@ -242,8 +265,7 @@ class ParquetSource:
         return RecordRef(self._paths[file_id], first_row + offset, "row")
 
     def _row_group(self, group_index: int) -> Any:
-        import pyarrow.parquet as pq
-
+        """The decoded row group, or the `_UndecodableGroup` that says why it cannot be decoded."""
         if self._pid != os.getpid():
             self._reset_caches()
         with self._lock:
@@ -252,10 +274,13 @@ class ParquetSource:
                 self._cache.move_to_end(group_index)
                 return table
             file_id, group, _ = self._groups[group_index]
-            parquet_file = self._files.get(file_id)
-            if parquet_file is None:
-                parquet_file = self._files[file_id] = pq.ParquetFile(self._paths[file_id])
-            table = parquet_file.read_row_group(group, columns=self._columns)
+            try:
+                parquet_file = self._files.get(file_id)
+                if parquet_file is None:
+                    parquet_file = self._files[file_id] = _open_parquet(self._paths[file_id])
+                table = parquet_file.read_row_group(group, columns=self._columns)
+            except _parquet_errors() as error:  # cached too: each row of the group fails without re-reading it
+                table = _UndecodableGroup(f"row group {group} cannot be decoded ({type(error).__name__}: {error})")
             self._cache[group_index] = table
             while len(self._cache) > self._cached_row_groups:
                 self._cache.popitem(last=False)
@@ -265,7 +290,13 @@ class ParquetSource:
         index = int(index)
         group_index, offset = self._locate(index)
         table = self._row_group(group_index)
-        fields = table.slice(offset, 1).to_pylist()[0]
+        if isinstance(table, _UndecodableGroup):
+            raise RecordError(self.ref(index), None, table.reason)
+        try:
+            fields = table.slice(offset, 1).to_pylist()[0]
+        except _parquet_errors() as error:  # e.g. a string column holding invalid UTF-8
+            reason = f"cannot decode the row ({type(error).__name__}: {error})"
+            raise RecordError(self.ref(index), None, reason) from None
         return SourceRecord(fields, self.ref(index))
 
     def __getstate__(self) -> dict[str, Any]:

@@ -75,6 +75,32 @@ class Tokenizer(abc.ABC):
     def token_to_id(self, token: str) -> int:
         """Id of a single token (e.g. `<|im_start|>`); raises `KeyError` naming the token if it is not one."""
 
+    @property
+    def max_token_chars(self) -> int | None:
+        """Most characters of text that one token can stand for (the longest vocabulary entry); None if unknown.
+
+        A text of N characters then needs at least N / max_token_chars tokens, so the pipelines reject a
+        record that cannot fit its length limit without tokenizing it (a 200 MB line costs ~45x its size
+        to tokenize). The bound holds for normalizers that never delete characters (this project's
+        SentencePiece models, byte-level BPE); with one that collapses whitespace runs, or an unknown token
+        that swallows a run of unknown characters, a record of mostly such text could be judged longer than
+        it is.
+        """
+        return None
+
+    def literal_token_strings(self) -> tuple[str, ...]:
+        """Strings that `encode` turns into a single token wherever they appear in the text (special and
+        added tokens such as `<|im_end|>`); `chat_template.render_chat(literal_content=True)` keeps them from
+        being formed out of message content. Default: the chat template's tokens that this vocabulary has."""
+        found = []
+        for token in CHAT_SPECIAL_TOKENS:
+            try:
+                self.token_to_id(token)
+            except KeyError:
+                continue
+            found.append(token)
+        return tuple(found)
+
     def id_of_each(self, tokens: Iterable[str]) -> dict[str, int]:
         """`{token: token_to_id(token)}` for several tokens; raises `KeyError` naming every missing one."""
         found: dict[str, int] = {}
@@ -160,6 +186,27 @@ class SentencePieceTokenizer(Tokenizer):
         if value >= 0:
             return int(value)
         return self.eos_id if self.eos_id is not None else 0
+
+    @property
+    def max_token_chars(self) -> int | None:
+        if getattr(self, "_max_token_chars", None) is None:
+            processor = self._processor
+            # "▁" stands for one space; a byte piece ("<0x41>") for one byte, at most one character.
+            self._max_token_chars = max(
+                1 if processor.is_byte(i) else len(processor.id_to_piece(i)) for i in range(processor.get_piece_size())
+            )
+        return self._max_token_chars
+
+    def literal_token_strings(self) -> tuple[str, ...]:
+        if getattr(self, "_literal_tokens", None) is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self._model_bytes)
+            user_defined = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+            # Only user-defined symbols are matched inside text; control symbols (<s>, </s>) never are.
+            self._literal_tokens = tuple(piece.piece for piece in proto.pieces if piece.type == user_defined)
+        return self._literal_tokens
 
     def token_to_id(self, token: str) -> int:
         token_id = int(self._processor.piece_to_id(token))
@@ -330,6 +377,17 @@ class HFTokenizer(Tokenizer):
         if self._pad_id is not None:
             return self._pad_id
         return self._eos_id if self._eos_id is not None else 0
+
+    @property
+    def max_token_chars(self) -> int | None:
+        if getattr(self, "_max_token_chars", None) is None:
+            # A byte-level vocabulary spells each byte as one character, so an entry's length bounds the
+            # characters of text it covers; other models' entries (sub-words, "##" continuations) do too.
+            self._max_token_chars = max(len(token) for token in self._tokenizer.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
+
+    def literal_token_strings(self) -> tuple[str, ...]:
+        return tuple(token.content for token in self._tokenizer.get_added_tokens_decoder().values())
 
     def token_to_id(self, token: str) -> int:
         token_id = self._tokenizer.token_to_id(token)

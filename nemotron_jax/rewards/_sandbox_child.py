@@ -61,6 +61,7 @@ MOUNT_ATTR_NOSUID = 0x2
 SYS_MOUNT_SETATTR = 442  # same number on every architecture (syscalls >= 424 are unified)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -236,6 +237,8 @@ def _prepare_filesystem(config, status: Status) -> set:
             f"size={config['tmpfs_bytes']},nr_inodes={config['tmpfs_inodes']},mode=0700{owner}",
         )
     except OSError as error:
+        if "read_only_root" in achieved:  # the program could neither write nor read its directory
+            raise SetupError(f"no private tmpfs working directory on a read-only tree: {error}") from error
         status.send(f"warn no private tmpfs working directory: {error}")
         return achieved
     fd = os.open(program_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
@@ -264,6 +267,142 @@ def _drop_capabilities() -> None:
         raise SetupError(f"capabilities still held after dropping them: {held}")
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# seccomp filter
+#
+# Hand-written classic BPF rather than a library: the filter must be built and installed here, in this
+# stdlib-only process started with `-I -S` (often a different interpreter than the caller's virtual
+# environment), so a PyPI package cannot be imported at this point. Of the packages looked at, pyseccomp
+# (last release 2021) needs the system's libseccomp.so, so it does not install from PyPI alone, and
+# seccompy (0.2.0, beta) does not reject x32-ABI system call numbers, through which a program could reach
+# `socket` under another number. The policy is small enough to read in full below.
+
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+_EPERM, _EAFNOSUPPORT = 1, 97
+
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+_X32_SYSCALL_BIT = 0x40000000
+
+_BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS: A = seccomp_data[k]
+_BPF_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_BPF_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K
+_DATA_NR, _DATA_ARCH, _DATA_ARG0_LOW = 0, 4, 16  # offsets in struct seccomp_data (little-endian machines)
+
+# Per machine: (AUDIT_ARCH_*, {system call: number}). io_uring's numbers are the same everywhere.
+_SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "add_key": 248, "request_key": 249, "keyctl": 250}),
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "add_key": 217, "request_key": 218, "keyctl": 219}),
+}
+_IO_URING = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}
+# Refused with EPERM, as Docker's default profile does: kernel keyrings outlive a run and are shared by every
+# process of the uid (a program could leave data for a later run), and io_uring can create sockets
+# (IORING_OP_SOCKET) without going through the `socket` system call that the filter checks.
+_DENIED_CALLS = ("add_key", "request_key", "keyctl", *_IO_URING)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(machine: str, allow_inet: bool) -> list:
+    """The filter as (code, jt, jf, k) tuples, or raises KeyError for a machine without a policy here.
+
+    Allows every system call except: `socket`/`socketpair` of any family but AF_UNIX (plus AF_INET/AF_INET6
+    when `allow_inet`, i.e. inside an empty network namespace) -> EAFNOSUPPORT; `_DENIED_CALLS` -> EPERM;
+    another ABI (i386 `int 0x80`, x32 numbers) -> the process is killed.
+    """
+    arch, numbers = _SECCOMP_ARCHES[machine]
+    numbers = {**numbers, **_IO_URING}
+    # Assembled with symbolic jump targets; a jump field is the number of instructions to skip.
+    code = [("ld", _DATA_ARCH), ("jeq", arch, None, "kill"), ("ld", _DATA_NR)]
+    if machine == "x86_64":
+        code.append(("jge", _X32_SYSCALL_BIT, "kill", None))
+    code += [("jeq", numbers["socket"], "family", None), ("jeq", numbers["socketpair"], "family", None)]
+    code += [("jeq", numbers[name], "eperm", None) for name in _DENIED_CALLS]
+    code.append(("ret", SECCOMP_RET_ALLOW))
+    # The family is an `int`: the kernel reads only the low 32 bits of the argument, and so does this.
+    families = [AF_UNIX] + ([AF_INET, AF_INET6] if allow_inet else [])
+    code += [("label", "family"), ("ld", _DATA_ARG0_LOW)]
+    code += [("jeq", family, "allow", None) for family in families]
+    code += [
+        ("ret", SECCOMP_RET_ERRNO | _EAFNOSUPPORT),
+        ("label", "allow"), ("ret", SECCOMP_RET_ALLOW),
+        ("label", "eperm"), ("ret", SECCOMP_RET_ERRNO | _EPERM),
+        ("label", "kill"), ("ret", SECCOMP_RET_KILL_PROCESS),
+    ]
+    labels, position = {}, 0
+    for item in code:
+        if item[0] == "label":
+            labels[item[1]] = position
+        else:
+            position += 1
+    program, position = [], 0
+    for item in code:
+        kind = item[0]
+        if kind == "label":
+            continue
+        if kind == "ld":
+            program.append((_BPF_LD_W_ABS, 0, 0, item[1]))
+        elif kind == "ret":
+            program.append((_BPF_RET_K, 0, 0, item[1]))
+        else:
+            _, value, if_true, if_false = item
+            jump = lambda target: 0 if target is None else labels[target] - position - 1  # noqa: E731
+            program.append((_BPF_JEQ_K if kind == "jeq" else _BPF_JGE_K, jump(if_true), jump(if_false), value))
+        position += 1
+    return program
+
+
+def install_seccomp(allow_inet: bool) -> None:
+    """Installs the filter on this process (inherited by its children; cannot be removed). Needs no_new_privs."""
+    program = seccomp_program(os.uname().machine, allow_inet)
+    instructions = (_SockFilter * len(program))(*[_SockFilter(*instruction) for instruction in program])
+    fprog = _SockFprog(len(program), instructions)
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "prctl(SET_SECCOMP)")
+
+
+def seccomp_works() -> str:
+    """'' if the filter can be installed here and refuses AF_VSOCK, else why not (run once per fork server)."""
+    if os.uname().machine not in _SECCOMP_ARCHES:
+        return f"no seccomp policy for the {os.uname().machine} architecture"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = b"?"
+        try:
+            os.close(read_end)
+            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+            install_seccomp(allow_inet=False)
+            import socket
+
+            try:
+                socket.socket(40, socket.SOCK_STREAM).close()  # AF_VSOCK
+                outcome = b"the filter was installed but did not refuse a socket family"
+            except OSError as error:
+                outcome = b"" if error.errno == _EAFNOSUPPORT else str(error).encode()
+        except BaseException as error:  # noqa: BLE001 - reported to the caller
+            outcome = f"{type(error).__name__}: {error}".encode()
+        finally:
+            os.write(write_end, outcome or b"ok")
+            os._exit(0)
+    os.close(write_end)
+    try:
+        reply = os.read(read_end, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return "" if reply == "ok" else (reply or "the seccomp probe process died")
+
+
 def _set_limits(config) -> None:
     def limit(kind, value):
         resource.setrlimit(kind, (value, value))
@@ -279,8 +418,9 @@ def _set_limits(config) -> None:
         limit(resource.RLIMIT_MEMLOCK, 0)
 
 
-def _exec_program(config, env, status: Status, pid_namespace: bool) -> None:
+def _exec_program(config, env, status: Status, mechanisms: set) -> None:
     """Runs in the forked program process; never returns."""
+    pid_namespace = "pid_namespace" in mechanisms
     try:
         os.chdir(config["workdir"])
         program_path = os.path.join(config["workdir"], config["program_file"])
@@ -297,6 +437,8 @@ def _exec_program(config, env, status: Status, pid_namespace: bool) -> None:
         _drop_capabilities()
         if os.geteuid() == 0:
             raise SetupError("refusing to run the program as root")
+        if "seccomp_filter" in mechanisms:
+            install_seccomp(allow_inet="net_namespace" in mechanisms)
         if not pid_namespace:
             # Set after the uid change, which clears it: the program dies with its supervisor.
             _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
@@ -382,11 +524,12 @@ def _report_uncaught(error: BaseException) -> int:
     return 1
 
 
-def _supervise(config, env, status: Status, pid_namespace: bool) -> int:
+def _supervise(config, env, status: Status, mechanisms: set) -> int:
     """Forks the program, waits for it (reaping orphans when pid 1), reports its status."""
+    pid_namespace = "pid_namespace" in mechanisms
     program_pid = os.fork()
     if program_pid == 0:
-        _exec_program(config, env, status, pid_namespace)
+        _exec_program(config, env, status, mechanisms)
     while True:
         try:
             pid, wait_status, usage = os.wait4(-1 if pid_namespace else program_pid, 0)
@@ -415,10 +558,20 @@ def _launch(config, env, status: Status) -> int:
                 mechanisms |= _prepare_filesystem(config, status)
         if int(config["uid"]) >= 0:
             mechanisms.add("unprivileged_uid")
+            if "private_tmpfs_workdir" not in mechanisms:
+                # The caller made the directory 0700 for itself; the program works in it on the host disk.
+                os.chown(config["workdir"], int(config["uid"]), int(config["gid"]))
         mechanisms.add("no_new_privs")
+        seccomp_problem = _seccomp_problem if config.get("seccomp", "1") == "1" else "turned off by the caller"
+        if seccomp_problem:
+            status.send(f"warn no seccomp filter: {seccomp_problem}")
+        else:
+            mechanisms.add("seccomp_filter")
+            if "net_namespace" not in mechanisms:
+                mechanisms.add("inet_sockets_blocked")  # the filter refuses AF_INET/AF_INET6 too
         status.send("iso " + ",".join(sorted(mechanisms)))
         if "pid_namespace" not in mechanisms:
-            return _supervise(config, env, status, pid_namespace=False)
+            return _supervise(config, env, status, mechanisms)
         init_pid = os.fork()  # the first child in the new PID namespace is its pid 1
         if init_pid == 0:
             code = 1
@@ -429,7 +582,7 @@ def _launch(config, env, status: Status) -> int:
                         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
                     except OSError as error:
                         status.send(f"warn private /proc not mounted: {error}")
-                code = _supervise(config, env, status, pid_namespace=True)
+                code = _supervise(config, env, status, mechanisms)
             except BaseException as error:  # noqa: BLE001
                 status.send(f"error supervisor: {type(error).__name__}: {error}")
             os._exit(code)
@@ -469,6 +622,9 @@ def _start_launcher(payload: bytes, fds: list, server, server_pid: int) -> int:
         os._exit(code)
 
 
+_seccomp_problem = "not probed"  # set by `serve`: '' when the seccomp filter works on this machine
+
+
 def serve(sock_fd: int) -> int:
     """Fork server: one launcher per request, so a run costs a fork instead of an interpreter start.
 
@@ -480,6 +636,8 @@ def serve(sock_fd: int) -> int:
     """
     import socket
 
+    global _seccomp_problem
+    _seccomp_problem = seccomp_works()
     server = socket.socket(fileno=sock_fd)
     server_pid = os.getpid()
     unreaped = set()

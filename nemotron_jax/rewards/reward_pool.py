@@ -12,11 +12,23 @@ seconds, once), so that each worker, and each replacement of a killed one, start
 
 Each item gets a hard wall-clock limit enforced by the parent, which kills the worker's whole process group:
 unlike a signal inside the worker, this also stops C code that never returns to the interpreter (a
-catastrophic regex, a huge integer power). Workers also die with the parent (Linux parent-death signal).
+catastrophic regex, a huge integer power).
+
+Workers die with the process that owns the pool, however it ends (SIGKILL included): each worker has a
+watchdog thread blocked on a pipe whose only write end the owner holds, and when it reads end-of-file it
+SIGKILLs the worker's process group; the worker's code sandbox (``sandbox.py``) dies with the worker. (A
+parent-death signal is not enough: a worker's parent is the fork server, which multiprocessing keeps alive
+as long as any worker lives.)
+
+Like every multiprocessing ``forkserver``/``spawn`` pool, the workers import the main script; a script that
+creates a pool (or calls ``score_batch``) at its top level must do so under ``if __name__ == "__main__":``.
+Without the guard, the pool refuses to start and says so (``_check_main_guard``) instead of letting every
+worker run the script again.
 """
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 import math
@@ -25,6 +37,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -70,13 +83,31 @@ def warm_up_verifiers() -> None:
     detect_language("warm up the language profiles")
 
 
-def _worker_main(connection: multiprocessing.connection.Connection) -> None:
+def _watch_owner(owner_alive: multiprocessing.connection.Connection) -> None:
+    """Thread body: blocks until the owner's end of `owner_alive` closes (the owner exited or was killed, or
+    it is stopping this worker), then SIGKILLs this worker's process group."""
+    try:
+        while True:
+            owner_alive.recv_bytes()  # the owner never writes: this returns only by EOF
+    except (EOFError, OSError):
+        pass
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_main(
+    connection: multiprocessing.connection.Connection, owner_alive: multiprocessing.connection.Connection
+) -> None:
     """Receives chunks of items, sends one result per item as soon as it is done."""
     try:
         os.setpgid(0, 0)  # own process group: the parent can kill this worker and anything it started
     except OSError:
         pass
     _set_parent_death_signal()
+    threading.Thread(target=_watch_owner, args=(owner_alive,), name="owner-watchdog", daemon=True).start()
     try:
         warm_up_verifiers()  # instant in a worker forked from a preloaded fork server
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
@@ -107,6 +138,7 @@ class _Worker:
     process_group: int | None = None
     outstanding: collections.deque = dataclasses.field(default_factory=collections.deque)  # of BatchItem
     item_started_at: float = 0.0
+    owner_alive: multiprocessing.connection.Connection | None = None  # closing it kills the worker
 
 
 _STARTUP_LIMIT_S = 120.0  # a worker that is not ready by then is broken (imports hang)
@@ -122,6 +154,59 @@ def _add_forkserver_preload(context: Any) -> None:
     modules = list(getattr(forkserver._forkserver, "_preload_modules", []))  # no public getter exists
     if _PRELOAD_MODULE not in modules:
         context.set_forkserver_preload([*modules, _PRELOAD_MODULE])
+
+
+_GUARD_ADVICE = (
+    "The reward workers are started by multiprocessing's {method}, which imports the main script in every "
+    "worker, so this call would run again in each of them. Put the code that scores under\n\n"
+    "    if __name__ == \"__main__\":\n        ...\n\n"
+    "at the bottom of the script (or score in this process, without time limits, with num_workers=0)."
+)
+
+
+def _check_main_guard(start_method: str = "forkserver") -> None:
+    """Raises RuntimeError, saying what to add, if a reward pool is being created by the top-level code of the
+    main script outside an ``if __name__ == "__main__":`` block, or while a worker imports that script."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not isinstance(path, str):
+        return  # python -c, an interactive session, a notebook: workers do not import anything
+    advice = _GUARD_ADVICE.format(method=start_method)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(f"a reward pool was started while a worker process was importing {path}. {advice}")
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
+            if not _inside_main_guard(path, frame.f_lineno):
+                raise RuntimeError(
+                    f"score_batch / RewardPool was called at the top level of {path} (line {frame.f_lineno}) "
+                    f"without an `if __name__ == \"__main__\":` guard. {advice}"
+                )
+            return
+        frame = frame.f_back
+
+
+def _inside_main_guard(path: str, line: int) -> bool:
+    """Whether `line` of the script `path` lies in a top-level ``if __name__ == "__main__":`` block (True when the
+    script cannot be read or parsed: then nothing is claimed)."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return True
+
+    def names_main(test: ast.expr) -> bool:
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+            return False
+        sides = [test.left, test.comparators[0]]
+        return any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides) and any(
+            isinstance(s, ast.Constant) and s.value == "__main__" for s in sides
+        )
+
+    return any(
+        isinstance(node, ast.If) and names_main(node.test) and node.lineno <= line <= (node.end_lineno or line)
+        for node in tree.body
+    )
 
 
 def _unpicklable_item(chunk: list[BatchItem]) -> str:
@@ -146,6 +231,8 @@ def _kill_worker(worker: _Worker) -> None:
         pass
     worker.process.join(timeout=5.0)
     worker.connection.close()
+    if worker.owner_alive is not None:
+        worker.owner_alive.close()
 
 
 def _stop_workers(workers: list[_Worker]) -> None:
@@ -188,6 +275,7 @@ class RewardPool:
             )
         if max_chunk_items < 1:
             raise ValueError(f"max_chunk_items must be >= 1, got {max_chunk_items}")
+        _check_main_guard(start_method)
         self.num_workers = num_workers
         self.max_chunk_items = max_chunk_items
         self.start_method = start_method
@@ -206,10 +294,20 @@ class RewardPool:
 
     def _start_worker(self) -> _Worker:
         parent_end, child_end = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=_worker_main, args=(child_end,), name="reward-worker", daemon=False)
-        process.start()
-        child_end.close()
-        return _Worker(process=process, connection=parent_end, started_at=time.monotonic())
+        watched_end, owner_end = self._context.Pipe(duplex=False)  # only this process holds owner_end
+        process = self._context.Process(
+            target=_worker_main, args=(child_end, watched_end), name="reward-worker", daemon=False
+        )
+        try:
+            process.start()
+        except BaseException:
+            for end in (parent_end, owner_end):
+                end.close()
+            raise
+        finally:
+            child_end.close()
+            watched_end.close()
+        return _Worker(process=process, connection=parent_end, started_at=time.monotonic(), owner_alive=owner_end)
 
     def wait_ready(self, timeout_s: float = _STARTUP_LIMIT_S) -> None:
         """Blocks until every worker has started (imports done). Optional: ``score`` waits by itself."""

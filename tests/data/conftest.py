@@ -120,6 +120,28 @@ def jsonl_writer():
     return write_jsonl
 
 
+def write_rl_parquet(path, records, row_group_size: int) -> None:
+    """RL records as Parquet. Parquet needs one type per column: agent_ref as structs throughout. Arrow unifies
+    the kwargs structs, so keys absent from a record come back as None (the parser drops them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for record in records:
+        record = dict(record)
+        if isinstance(record["agent_ref"], str):
+            record["agent_ref"] = {"type": "responses_api_agents", "name": record["agent_ref"]}
+        rows.append(record)
+    columns = sorted({key for record in rows for key in record})
+    table = pa.Table.from_pydict({key: [record.get(key) for record in rows] for key in columns})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+@pytest.fixture
+def rl_parquet_writer():
+    return write_rl_parquet
+
+
 @pytest.fixture
 def make_rl_record():
     return rl_record

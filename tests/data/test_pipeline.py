@@ -304,7 +304,7 @@ def test_rl_overlong_prompts(tmp_path, rl_records, sp_tokenizer, jsonl_writer):
     records[2] = {**records[2], "responses_create_params": {"input": "word " * 300}}
     path = tmp_path / "rl_long.jsonl"
     jsonl_writer(path, records)
-    with pytest.raises(ValueError, match="line 3: prompt of [0-9]+ tokens exceeds max_prompt_length=64"):
+    with pytest.raises(ValueError, match=r"line 3: prompt of (at least )?[0-9]+ tokens.* exceeds max_prompt_length=64"):
         list(_rl(path, sp_tokenizer, max_prompt_length=64))
     iterator = _rl(path, sp_tokenizer, max_prompt_length=64, on_overlong="skip")
     assert sum(len(batch) for batch in iterator) == 7
@@ -318,22 +318,9 @@ def test_rl_drop_remainder(tmp_path, rl_records, sp_tokenizer, jsonl_writer):
     assert [len(batch) for batch in _rl(path, sp_tokenizer)] == [4, 4, 2]
 
 
-def test_rl_pipeline_over_parquet_with_union_schema(tmp_path, rl_records, sp_tokenizer):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    # Parquet needs one type per column: agent_ref as structs throughout. Arrow unifies the kwargs structs, so
-    # keys absent from a record come back as None; the parser drops them.
-    records = []
-    for record in rl_records[:30]:
-        record = dict(record)
-        if isinstance(record["agent_ref"], str):
-            record["agent_ref"] = {"type": "responses_api_agents", "name": record["agent_ref"]}
-        records.append(record)
+def test_rl_pipeline_over_parquet_with_union_schema(tmp_path, rl_records, sp_tokenizer, rl_parquet_writer):
     path = tmp_path / "rl.parquet"
-    columns = sorted({key for record in records for key in record})
-    table = pa.Table.from_pydict({key: [record.get(key) for record in records] for key in columns})
-    pq.write_table(table, path, row_group_size=8)
+    rl_parquet_writer(path, rl_records[:30], row_group_size=8)
     prompts = {p.metadata["id"]: p for batch in _rl(ParquetSource(path), sp_tokenizer) for p in batch.prompts}
     assert sorted(prompts) == list(range(30))
     assert prompts[2].reward_spec["kwargs"] == [{}, {"relation": "at least", "num_words": 10}]

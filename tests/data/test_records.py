@@ -37,7 +37,14 @@ def test_sft_record_parses_messages_and_tools():
         ({"messages": [{"role": "user", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, "messages[0].content"),
-        ({"messages": [{"role": "assistant", "content": "y"}], "tools": "nope"}, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": "nope"},
+         "tools"),
+        # Roles out of order (issue 11): no user turn, a tool result without an assistant turn before it.
+        ({"messages": [{"role": "assistant", "content": "y"}]}, "messages[0].role"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "y"}]}, "messages[1].role"),
+        ({"messages": [{"role": "system", "content": "s"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"},
+                       {"role": "assistant", "content": "y"}]}, "messages[1].role"),
     ],
 )
 def test_sft_record_errors_name_file_line_and_field(record, field):
@@ -107,6 +114,10 @@ def test_rl_record_string_agent_ref_and_string_input():
           "instruction_id_list": ["a", "b"], "kwargs": [{}]}, "kwargs"),
         ({"responses_create_params": {"input": "q"}, "agent_ref": "ifeval_agent",
           "instruction_id_list": "punctuation:no_comma", "kwargs": [{}]}, "instruction_id_list"),
+        # Roles out of order (issue 11): a prompt that opens with an assistant turn.
+        ({"responses_create_params": {"input": [{"role": "assistant", "content": "a"},
+                                                {"role": "user", "content": "q"}]}, "agent_ref": "math_agent"},
+         "responses_create_params.input[0].role"),
     ],
 )
 def test_rl_record_errors_name_the_field(record, field):

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,21 +39,36 @@ def _sandbox_dirs() -> set[str]:
     return {name for name in os.listdir(root) if name.startswith("nemotron-jax-sandbox-")}
 
 
-def _sandbox_uid_processes() -> list[int]:
+def _sandbox_uid_processes(grace_s: float = 2.0) -> list[int]:
+    """Thread groups of a sandbox uid with a live thread (a zombie main thread with running threads counts),
+    polled for up to `grace_s` (processes killed a moment ago may still be exiting)."""
     first, last = sandbox._UID_BLOCK_START, sandbox._UID_BLOCK_START + sandbox._UID_BLOCK_SIZE
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    deadline = time.monotonic() + grace_s
+    while True:
+        pids = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                uid = os.stat(f"/proc/{name}").st_uid
+                if (first <= uid < last or uid == sandbox._NOBODY_UID) and _thread_group_alive(int(name)):
+                    pids.append(int(name))
+            except OSError:
+                continue
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+def _thread_group_alive(pid: int) -> bool:
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            uid = os.stat(f"/proc/{name}").st_uid
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                    return True
         except (OSError, IndexError):
             continue
-        if (first <= uid < last or uid == sandbox._NOBODY_UID) and state != b"Z":
-            pids.append(int(name))
-    return pids
+    return False
 
 
 def _processes_with_marker(marker: str) -> list[int]:
@@ -413,13 +429,14 @@ def test_concurrent_runs_are_independent(caps):
 def test_capabilities_are_reported(caps):
     # On this project's machines (root in a container) everything is available; elsewhere the
     # degradations must say what is missing rather than pass silently.
-    expected = {"net_namespace", "pid_namespace", "read_only_root", "unprivileged_uid"}
+    expected = {"net_namespace", "pid_namespace", "read_only_root", "unprivileged_uid", "seccomp_filter"}
     assert caps.fully_isolated == expected.issubset(caps.isolation)
-    for name, flag in [("net_namespace", caps.network_isolated), ("pid_namespace", caps.pid_namespace),
+    for name, flag in [("pid_namespace", caps.pid_namespace), ("seccomp_filter", caps.seccomp_filter),
                        ("read_only_root", caps.filesystem_read_only), ("unprivileged_uid", caps.unprivileged_uid)]:
         assert flag == (name in caps.isolation)
     if os.geteuid() == 0:
         assert caps.unprivileged_uid
+    assert caps.network_isolated == ("net_namespace" in caps.isolation or "inet_sockets_blocked" in caps.isolation)
     degraded = run_sandboxed("print(1)", namespaces=False, **LIMITS)
     assert "net_namespace" not in degraded.isolation and degraded.passed
 
@@ -516,5 +533,237 @@ def test_probe_falls_back_when_namespace_setup_fails(caps, monkeypatch):
     assert result.passed and result.stdout == "still runs\n" and "net_namespace" not in result.isolation
     monkeypatch.undo()
     sandbox._probe = None
+    sandbox._capabilities_cache = None
+    assert sandbox_capabilities().isolation == caps.isolation
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attacks found in review (issue 11): each was open before the fix.
+
+
+def _require_seccomp(caps) -> None:
+    if not caps.seccomp_filter:
+        pytest.skip(f"this machine gives the sandbox no seccomp filter (a reported degradation): {caps.degradations}")
+
+
+_SOCKET_PROBE = """
+import socket
+for name, family, kind in [("unix", 1, socket.SOCK_STREAM), ("inet", 2, socket.SOCK_STREAM),
+                           ("inet6", 10, socket.SOCK_STREAM), ("netlink", 16, socket.SOCK_RAW),
+                           ("packet", 17, socket.SOCK_RAW), ("alg", 38, socket.SOCK_SEQPACKET),
+                           ("vsock", 40, socket.SOCK_STREAM), ("vsock-high-bits", 40 | (1 << 32), socket.SOCK_STREAM)]:
+    try:
+        if family >> 32:  # the raw system call, with junk in the argument's upper half
+            import ctypes, os, platform
+            libc = ctypes.CDLL(None, use_errno=True)
+            number = {"x86_64": 41, "aarch64": 198}[platform.machine()]
+            libc.syscall.argtypes = (ctypes.c_long, ctypes.c_ulong, ctypes.c_long, ctypes.c_long)
+            fd = libc.syscall(number, family, kind, 0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            os.close(fd)
+        else:
+            socket.socket(family, kind).close()
+        print(name, "open")
+    except OSError as error:
+        print(name, error.errno)
+try:
+    a, b = socket.socketpair(40, socket.SOCK_STREAM)
+    print("vsock-pair open")
+except OSError as error:
+    print("vsock-pair", error.errno)
+a, b = socket.socketpair()
+print("unix-pair open")
+"""
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no-namespaces"])
+def test_only_unix_sockets_and_inet_inside_the_empty_network_namespace(caps, namespaces):
+    """AF_VSOCK is not network-namespaced (it reaches the hypervisor): before the seccomp filter, a program
+    could open and bind it. Only AF_UNIX (and inet inside the empty network namespace) may be opened."""
+    _require_seccomp(caps)
+    result = run_sandboxed(_SOCKET_PROBE, namespaces=namespaces, **LIMITS)
+    assert result.passed, result
+    outcome = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    inet_allowed = "net_namespace" in result.isolation
+    expected_inet = "open" if inet_allowed else "97"
+    assert outcome == {
+        "unix": "open", "inet": expected_inet, "inet6": expected_inet, "netlink": "97", "packet": "97",
+        "alg": "97", "vsock": "97", "vsock-high-bits": "97", "vsock-pair": "97", "unix-pair": "open",
+    }, outcome
+    assert "seccomp_filter" in result.isolation
+    assert ("inet_sockets_blocked" in result.isolation) == (not inet_allowed)
+
+
+def test_kernel_keyrings_are_refused(caps):
+    """Keyrings persist per uid: before the filter, a key added in one run could be read in the next."""
+    _require_seccomp(caps)
+    keyring_call = (
+        "import ctypes, os, platform\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.syscall.restype = ctypes.c_long\n"
+        "add_key, request_key, keyctl = {'x86_64': (248, 249, 250), 'aarch64': (217, 218, 219)}[platform.machine()]\n"
+        "USER_KEYRING = -4\n"
+    )
+    marker = f"nj-key-{uuid.uuid4().hex[:12]}".encode()
+    writer = keyring_call + (
+        f"r = libc.syscall(add_key, b'user', {marker!r}, b'secret-from-run-1', 17, USER_KEYRING)\n"
+        "print('add_key', r, ctypes.get_errno())\n"
+    )
+    reader = keyring_call + (
+        f"r = libc.syscall(request_key, b'user', {marker!r}, None, 0)\n"
+        "print('request_key', r, ctypes.get_errno())\n"
+        "r = libc.syscall(keyctl, 0, USER_KEYRING, 0)  # KEYCTL_GET_KEYRING_ID\n"
+        "print('keyctl', r, ctypes.get_errno())\n"
+    )
+    first = run_sandboxed(writer, **LIMITS)
+    second = run_sandboxed(reader, **LIMITS)
+    assert first.passed and second.passed, (first, second)
+    assert first.stdout.split() == ["add_key", "-1", "1"]  # EPERM
+    assert second.stdout.split() == ["request_key", "-1", "1", "keyctl", "-1", "1"]
+
+
+def test_io_uring_and_other_abis_are_refused(caps):
+    """io_uring can open sockets without the `socket` system call; x32 system call numbers would dodge a
+    filter keyed on the x86_64 numbers: the first fails with EPERM, the second kills the process."""
+    _require_seccomp(caps)
+    io_uring = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "params = ctypes.create_string_buffer(120)\n"
+        "print(libc.syscall(425, 4, params), ctypes.get_errno())\n"
+    )
+    result = run_sandboxed(io_uring, **LIMITS)
+    assert result.passed and result.stdout.split() == ["-1", "1"], result
+    if os.uname().machine != "x86_64":
+        return
+    x32_socket = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
+        "print('before', flush=True)\n"
+        "print(libc.syscall(0x40000000 + 41, 40, 1, 0), ctypes.get_errno())\n"
+    )
+    result = run_sandboxed(x32_socket, **LIMITS)
+    assert result.status is SandboxStatus.CRASHED and result.signal == signal.SIGSYS, result
+    assert result.stdout == "before\n"
+
+
+def test_daemon_whose_main_thread_exited_is_swept(caps):
+    """Without a PID namespace: a daemon whose main thread exits (a zombie leader, other threads running)
+    used to survive the uid sweep, and could kill later runs of the same uid."""
+    _require(caps, False, any_of=("unprivileged_uid",))
+    if not sandbox._uid_block_available():
+        pytest.skip("no dedicated sandbox uids: the uid sweep is off (a reported degradation)")
+    program = (
+        "import ctypes, os, platform, sys, threading, time\n"
+        "ready_r, ready_w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.setsid()\n"
+        "    for fd in (0, 1, 2):\n        os.close(fd)\n"
+        "    threading.Thread(target=lambda: time.sleep(120)).start()\n"
+        "    os.write(ready_w, b'x')\n"
+        "    exit_thread = {'x86_64': 60, 'aarch64': 93}[platform.machine()]\n"
+        "    ctypes.CDLL(None).syscall(exit_thread, 0)  # exit(), not exit_group(): only the main thread ends\n"
+        "os.read(ready_r, 1)\n"
+        "for _ in range(200):  # until the daemon's main thread is a zombie\n"
+        "    with open(f'/proc/{pid}/stat') as f:\n"
+        "        if f.read().rsplit(')', 1)[1].split()[0] == 'Z':\n            break\n"
+        "    time.sleep(0.01)\n"
+        "print(pid)\n"
+    )
+    result = run_sandboxed(program, namespaces=False, **LIMITS)
+    assert result.passed, result
+    daemon = int(result.stdout)
+    assert not os.path.exists(f"/proc/{daemon}") or not _thread_group_alive(daemon), "the daemon survived"
+    assert "leftover process" in result.message
+
+
+_KILLED_CALLER = """
+import sys
+from nemotron_jax.rewards.sandbox import run_sandboxed
+print("starting", flush=True)
+run_sandboxed("SECRET = %r\\nimport time\\ntime.sleep(60)\\n", timeout_s=60, memory_mb=256, namespaces=%r)
+"""
+
+
+def _uid_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _process_tree(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(name))
+    tree, frontier = set(), [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            if child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return tree
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "no-namespaces"])
+def test_caller_killed_mid_run_leaves_nothing_a_later_run_can_read(caps, namespaces, tmp_path):
+    """A caller SIGKILLed mid-run used to leave its working directory, program inside, owned by the sandbox
+    uid: the next run of that uid could read it."""
+    _require(caps, namespaces, any_of=("unprivileged_uid",))
+    secret = f"nj-secret-{uuid.uuid4().hex}"
+    script = tmp_path / "caller.py"
+    script.write_text(_KILLED_CALLER % (secret, namespaces))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dirs_before = _sandbox_dirs()
+    caller = subprocess.Popen([sys.executable, str(script)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout.readline() == "starting\n"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the program runs under the sandbox uid
+            if any(_uid_of(pid) not in (None, 0) for pid in _process_tree(caller.pid)):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        caller.kill()
+        caller.wait()
+    left = _sandbox_dirs() - dirs_before
+    assert left, "the killed caller left no working directory, so this test proves nothing"
+    reader = (  # the secret is assembled at run time: this program's own file must not contain it
+        "import glob\n"
+        f"secret = {secret[:12]!r} + {secret[12:]!r}\n"
+        "for path in glob.glob('/tmp/nemotron-jax-sandbox-*/*'):\n"
+        "    try:\n"
+        "        print('read', path) if secret in open(path).read() else None\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print('done')\n"
+    )
+    for mode in (True, False):
+        later = run_sandboxed(reader, namespaces=mode, **LIMITS)
+        assert later.passed and later.stdout == "done\n", later
+    sandbox._sweep_stale_slots()  # what the next process's first run does
+    assert _sandbox_dirs() - dirs_before == set()
+
+
+def test_without_seccomp_the_degradation_is_reported(caps, monkeypatch):
+    """Where the filter cannot be installed (another architecture, a kernel without seccomp), runs go on
+    without it and say so, in `sandbox_capabilities()` and in each result."""
+    monkeypatch.setattr(sandbox, "_USE_SECCOMP", False)
+    monkeypatch.setattr(sandbox, "_capabilities_cache", None)
+    degraded = sandbox_capabilities()
+    assert not degraded.seccomp_filter and not degraded.fully_isolated
+    assert any(line.startswith("no seccomp filter") for line in degraded.degradations), degraded.degradations
+    result = run_sandboxed("import socket\nsocket.socket(40, socket.SOCK_STREAM).close()\nprint('vsock open')",
+                           **LIMITS)
+    assert "seccomp_filter" not in result.isolation and "no seccomp filter" in result.message
+    assert result.status in (SandboxStatus.PASSED, SandboxStatus.FAILED)  # FAILED where the host has no vsock
+    monkeypatch.undo()
     sandbox._capabilities_cache = None
     assert sandbox_capabilities().isolation == caps.isolation
