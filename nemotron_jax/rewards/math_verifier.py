@@ -27,7 +27,7 @@ class MathVerifyTimeout(TimeoutError):
 
 
 # "The answer is 5", "Final answer: 5", "answer = 5" (case-insensitive, last occurrence wins).
-_ANSWER_STATEMENT = re.compile(r"\banswer\s*(?:is\s*:?|:|=)\s*(?P<answer>[^\n]*)", re.IGNORECASE)
+_ANSWER_STATEMENT = re.compile(r"\banswer\s*+(?:is\s*+:?|:|=)\s*+(?P<answer>[^\n]*+)", re.IGNORECASE)
 _PLAIN_WORD = re.compile(r"[A-Za-z]{2,}")
 
 
@@ -46,18 +46,20 @@ _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def _clean_candidate(candidate: str) -> str:
-    """Strips markdown emphasis, math delimiters, a final full stop and trailing unit words."""
+    """Strips markdown emphasis, a final full stop, math delimiters and trailing unit words.
+
+    An answer that opens with a math delimiter keeps its first math span only: ``$\\frac12$ cm`` gives
+    ``\\frac12`` and ``$42$ and the remainder is $3$`` gives ``42`` (not ``42$ and the remainder is $3``).
+    """
     text = candidate.strip().replace("**", "").strip()
     if text.endswith("."):
         text = text[:-1].rstrip()
     for opening, closing in _MATH_DELIMITERS:
-        if text.startswith(opening) and text.endswith(closing) and len(text) > len(opening) + len(closing):
-            text = text[len(opening) : -len(closing)].strip()
+        if text.startswith(opening):
+            end = text.find(closing, len(opening))
+            if end > len(opening):
+                text = text[len(opening) : end].strip()
             break
-    # "answer is $\frac12$ cm" or "answer is $x=3$, so ..." -> keep the first math span only.
-    span = re.match(r"^\$+([^$]+)\$+", text)
-    if span:
-        text = span.group(1).strip()
     return _drop_trailing_words(text).strip()
 
 

