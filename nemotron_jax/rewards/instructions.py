@@ -63,7 +63,7 @@ def register_instruction(instruction_id: str, *, overwrite: bool = False):
 
 _INTEGER_KWARGS = frozenset(
     "num_words num_sentences num_paragraphs nth_paragraph num_placeholders num_bullets num_highlights "
-    "num_sections frequency let_frequency capital_frequency".split()
+    "num_sections frequency let_frequency capital_frequency small_n n_start n_end N n_sent n_words n m".split()
 )
 _RELATION_KWARGS = frozenset({"relation", "let_relation", "capital_relation"})
 _LIST_KWARGS = frozenset({"keywords", "forbidden_words"})
@@ -498,3 +498,6 @@ def check_no_comma(answer: str) -> bool:
 
 
 IFEVAL_INSTRUCTION_IDS: tuple[str, ...] = tuple(INSTRUCTION_CHECKERS)
+
+# open-instruct's IF-RL ids register themselves on import (they build on the checkers above).
+from nemotron_jax.rewards import instructions_open_instruct  # noqa: E402, F401

