@@ -135,7 +135,8 @@ def word_tokenize(text: str) -> list[str]:
 
 
 def count_upper_case_tokens(text: str, *, limit: int | None = None) -> int:
-    """Number of ``word_tokenize`` tokens written in capitals (``token.isupper()``); stops at ``limit``.
+    """Number of ``word_tokenize`` tokens written in capitals (``token.isupper()``); with ``limit``, counting
+    stops there (``min(count, limit)``).
 
     A sentence without an upper-case character cannot hold such a token (the tokenizer only splits text, and
     its quote rewriting adds no letters), so it is not word-tokenized at all.
@@ -146,7 +147,7 @@ def count_upper_case_tokens(text: str, *, limit: int | None = None) -> int:
             continue
         count += sum(1 for token in sentence_word_tokens(sentence) if token.isupper())
         if limit is not None and count >= limit:
-            return count
+            return limit
     return count
 
 
