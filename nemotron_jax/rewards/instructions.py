@@ -255,15 +255,16 @@ def check_number_sentences(answer: str, *, num_sentences: int, relation: str) ->
 def check_number_paragraphs(answer: str, *, num_paragraphs: int) -> bool:
     """Exactly ``num_paragraphs`` paragraphs separated by the markdown divider ``***`` (the reference splits on
     ``\\s?\\*\\*\\*\\s?``, so ``****`` separates too); an empty paragraph other than the first or last fails."""
-    paragraphs = re.split(r"\s?\*\*\*\s?", answer)
-    count = len(paragraphs)
-    for index, paragraph in enumerate(paragraphs):
-        if not paragraph.strip():
-            if index in (0, len(paragraphs) - 1):
-                count -= 1
-            else:
-                return False
-    return count == num_paragraphs
+    return count_divided_pieces(re.split(r"\s?\*\*\*\s?", answer)) == num_paragraphs
+
+
+def count_divided_pieces(pieces: list[str]) -> int | None:
+    """Non-blank pieces of a split, or None if a piece other than the first or last is blank (the reference's
+    paragraph rule: a divider at either end is allowed, two dividers in a row are not)."""
+    last = len(pieces) - 1
+    if any(not piece.strip() for piece in pieces[1:last]):
+        return None
+    return len(pieces) - sum(1 for index in {0, last} if not pieces[index].strip())
 
 
 _FIRST_WORD_STOP = frozenset(".,?!'\"")

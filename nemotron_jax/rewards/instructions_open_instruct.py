@@ -23,6 +23,7 @@ from nemotron_jax.rewards.instructions import (
     _compare,
     check_letter_frequency,
     check_number_paragraphs,
+    count_divided_pieces,
     register_instruction,
 )
 
@@ -171,15 +172,7 @@ def check_two_paragraphs_divided(answer: str) -> bool:
 @register_instruction("paragraphs:paragraphs2")
 def check_two_paragraphs_blank_line(answer: str) -> bool:
     """Two paragraphs separated by ``\\n\\n``; an empty piece other than the first or last fails."""
-    pieces = answer.split("\n\n")
-    count = len(pieces)
-    for index, piece in enumerate(pieces):
-        if not piece.strip():
-            if index in (0, len(pieces) - 1):
-                count -= 1
-            else:
-                return False
-    return count == 2
+    return count_divided_pieces(answer.split("\n\n")) == 2
 
 
 @register_instruction("first_word:first_word_sent")
