@@ -310,8 +310,8 @@ def test_agreement_with_reference_ifeval(reference, capsys):
     agree = sum(counts["agree"] for counts in per_id.values())
     compared = total - deviations
     with capsys.disabled():
-        print(f"\nIFEval differential: {agree}/{compared} = {agree / compared:.2%} agreement on {total} generated cases "
-              f"over {len(per_id)} ids ({deviations} cases hit documented reference bugs)")
+        print(f"\nIFEval differential: {agree}/{compared} = {agree / compared:.2%} agreement on {total} generated "
+              f"cases over {len(per_id)} ids ({deviations} cases hit documented reference bugs)")
         for item in disagreements[:20]:
             print("  DIFF", item)
     assert total >= 1000 and len(per_id) == 25
