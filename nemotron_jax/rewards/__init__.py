@@ -31,6 +31,7 @@ from nemotron_jax.rewards.instruction_following import (
     instruction_following_score,
 )
 from nemotron_jax.rewards.instructions import IFEVAL_INSTRUCTION_IDS, register_instruction
+from nemotron_jax.rewards.instructions_open_instruct import OPEN_INSTRUCT_INSTRUCTION_IDS
 from nemotron_jax.rewards.math_verifier import MathVerifyTimeout, extract_math_answer, math_reward
 from nemotron_jax.rewards.mcqa import extract_choice, mcqa_reward
 from nemotron_jax.rewards.registry import (
@@ -56,6 +57,7 @@ __all__ = [
     "run_sandboxed",
     "sandbox_capabilities",
     "IFEVAL_INSTRUCTION_IDS",
+    "OPEN_INSTRUCT_INSTRUCTION_IDS",
     "InstructionFollowingResult",
     "MathVerifyTimeout",
     "RewardEntry",

@@ -181,9 +181,12 @@ def values_equal(actual: Any, expected: Any) -> bool:
     if isinstance(actual, (int, float)) and isinstance(expected, (int, float)):
         if isinstance(actual, int) and isinstance(expected, int):
             return actual == expected
-        if math.isnan(actual) or math.isnan(expected):
-            return math.isnan(actual) and math.isnan(expected)
-        return math.isclose(actual, expected, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
+        try:
+            if math.isnan(actual) or math.isnan(expected):
+                return math.isnan(actual) and math.isnan(expected)
+            return math.isclose(actual, expected, rel_tol=FLOAT_REL_TOL, abs_tol=FLOAT_ABS_TOL)
+        except OverflowError:  # an int beyond float range (10**400) is not close to any float
+            return False
     if isinstance(actual, list) and isinstance(expected, (list, tuple)):
         return len(actual) == len(expected) and all(values_equal(a, e) for a, e in zip(actual, expected))
     if isinstance(actual, dict) and isinstance(expected, Mapping):

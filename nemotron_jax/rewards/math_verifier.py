@@ -22,12 +22,18 @@ import threading
 from nemotron_jax.rewards.answer import BOX_COMMAND, extract_final_answer, find_boxed_contents, last_boxed_content
 
 
+# math-verify's LaTeX parser is super-linear: a 16 KB candidate exhausts the 5 s limit (and, outside a main
+# thread, where there is no limit, runs on). A final answer longer than this (or twice the ground truth, if longer)
+# is not an answer to a math problem: it gets reward 0 without being parsed.
+MAX_ANSWER_CHARS = 1000
+
+
 class MathVerifyTimeout(TimeoutError):
     """math-verify gave up on a parse or a comparison within its time limit."""
 
 
 # "The answer is 5", "Final answer: 5", "answer = 5" (case-insensitive, last occurrence wins).
-_ANSWER_STATEMENT = re.compile(r"\banswer\s*(?:is\s*:?|:|=)\s*(?P<answer>[^\n]*)", re.IGNORECASE)
+_ANSWER_STATEMENT = re.compile(r"\banswer\s*+(?:is\s*+:?|:|=)\s*+(?P<answer>[^\n]*+)", re.IGNORECASE)
 _PLAIN_WORD = re.compile(r"[A-Za-z]{2,}")
 
 
@@ -46,18 +52,20 @@ _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
 def _clean_candidate(candidate: str) -> str:
-    """Strips markdown emphasis, math delimiters, a final full stop and trailing unit words."""
+    """Strips markdown emphasis, a final full stop, math delimiters and trailing unit words.
+
+    An answer that opens with a math delimiter keeps its first math span only: ``$\\frac12$ cm`` gives
+    ``\\frac12`` and ``$42$ and the remainder is $3$`` gives ``42`` (not ``42$ and the remainder is $3``).
+    """
     text = candidate.strip().replace("**", "").strip()
     if text.endswith("."):
         text = text[:-1].rstrip()
     for opening, closing in _MATH_DELIMITERS:
-        if text.startswith(opening) and text.endswith(closing) and len(text) > len(opening) + len(closing):
-            text = text[len(opening) : -len(closing)].strip()
+        if text.startswith(opening):
+            end = text.find(closing, len(opening))
+            if end > len(opening):
+                text = text[len(opening) : end].strip()
             break
-    # "answer is $\frac12$ cm" or "answer is $x=3$, so ..." -> keep the first math span only.
-    span = re.match(r"^\$+([^$]+)\$+", text)
-    if span:
-        text = span.group(1).strip()
     return _drop_trailing_words(text).strip()
 
 
@@ -124,6 +132,8 @@ def normalize_ground_truth(ground_truth: str) -> str:
 def math_reward(response: str, ground_truth: str | int | float, *, timeout_s: int = 5) -> float:
     """1.0 if the response's final answer is mathematically equivalent to ``ground_truth``, else 0.0.
 
+    An answer longer than ``MAX_ANSWER_CHARS`` (or twice the ground truth) is 0.0 without being parsed.
+
     Args:
       response: the generated text (reasoning and answer; see ``extract_math_answer`` for what is graded).
       ground_truth: the reference answer, bare, in ``$...$`` or in ``\\boxed{}``; numbers are accepted.
@@ -148,7 +158,7 @@ def math_reward(response: str, ground_truth: str | int | float, *, timeout_s: in
         raise ValueError(f"ground_truth {ground_truth!r} cannot be parsed by math-verify")
 
     predicted_text = extract_math_answer(response)
-    if not predicted_text:
+    if not predicted_text or len(predicted_text) > max(MAX_ANSWER_CHARS, 2 * len(gold_text)):
         return 0.0
     if predicted_text == gold_text:  # the same string is the same answer; no comparison needed
         return 1.0

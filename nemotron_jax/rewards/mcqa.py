@@ -34,10 +34,12 @@ from nemotron_jax.rewards.answer import extract_final_answer, find_boxed_content
 
 # Possessive quantifiers (``*+``) keep these linear on long whitespace runs.
 _LETTER_IN_BOX = re.compile(r"^\s*+(?:\\text(?:bf)?\{\s*+)?\(?\s*+([A-Za-z])\s*+\)?\s*+\}?\s*+[.:]?\s*+$")
+# Every whitespace run is possessive (``\s*+``): what follows each one cannot start with whitespace, so this
+# matches exactly what the plain quantifiers would, without their O(n^4) backtracking on "answer is" + spaces.
 _ANSWER_STATEMENT = re.compile(
-    r"\b(?:answer\s*(?:is\s*:?|:)|final\s+choice\s*(?:is\s*:?|:)|option\s+selected\s*(?:is\s*:?|:)"
-    r"|(?:correct|best)\s+(?:option|choice)\s+is\s*:?)"
-    r"\s*(?:option\s+)?\(?\s*\$?\s*(?:\\boxed\{\s*)?(?:\\text\{\s*)?((?-i:[A-Z]))\b(?!['’]\w)",
+    r"\b(?:answer\s*+(?:is\s*+:?|:)|final\s++choice\s*+(?:is\s*+:?|:)|option\s++selected\s*+(?:is\s*+:?|:)"
+    r"|(?:correct|best)\s++(?:option|choice)\s++is\s*+:?)"
+    r"\s*+(?:option\s++)?\(?\s*+\$?\s*+(?:\\boxed\{\s*+)?(?:\\text\{\s*+)?((?-i:[A-Z]))\b(?!['’]\w)",
     re.IGNORECASE,
 )
 _LETTER_ALONE = re.compile(r"^\W*+(?:option\s++)?\(?([A-Za-z])\)?\W*+$", re.IGNORECASE)

@@ -4,10 +4,10 @@
 (overlong -> 0, unfinished thinking -> 0, failures -> 0 and counted) with each item in a worker process.
 
 Workers never fork the caller: the parent usually has JAX (and its threads) loaded, and forking a multi-threaded
-process is unsafe. On Linux they come from multiprocessing's ``forkserver``, a clean single-threaded process
-that first imports ``nemotron_jax.rewards.worker_preload`` (SymPy, math-verify, langdetect's profiles: a few
-seconds, once), so that each worker, and each replacement of a killed one, starts in milliseconds; elsewhere
-(or with ``start_method="spawn"``) every worker imports those itself. A training loop should keep one
+process is unsafe. On Linux they come from multiprocessing's ``forkserver``, a clean single-threaded process that
+first imports ``nemotron_jax.rewards.worker_preload`` (SymPy, math-verify, langdetect's profiles, NLTK's Punkt
+model: a few seconds, once), so that each worker, and each replacement of a killed one, starts in milliseconds;
+elsewhere (or with ``start_method="spawn"``) every worker imports those itself. A training loop should keep one
 ``RewardPool`` for the whole run; ``score_batch`` without a pool starts and stops one per call.
 
 Each item gets a hard wall-clock limit enforced by the parent, which kills the worker's whole process group:
@@ -78,9 +78,10 @@ def warm_up_verifiers() -> None:
     """Imports and loads what the built-in verifiers need, so that no item pays for it under its time limit."""
     import math_verify  # noqa: F401  (SymPy, the LaTeX parser)
 
-    from nemotron_jax.rewards.text_units import detect_language
+    from nemotron_jax.rewards.text_units import detect_language, word_tokenize
 
     detect_language("warm up the language profiles")
+    word_tokenize("Warm up NLTK's Punkt model. And its word tokenizer.")
 
 
 def _watch_owner(owner_alive: multiprocessing.connection.Connection) -> None:

@@ -96,9 +96,9 @@ CASES = [
     ),
     (
         "detectable_format:number_bullet_lists",
-        {"num_bullets": 2},
-        "Items:\n* apples\n- pears\n---\n**Done**",
-        "Items:\n* apples\n* pears\n* plums",
+        {"num_bullets": 3},  # as in the reference: a `---` line counts, `**bold**` and `+ item` do not
+        "Items:\n* apples\n- pears\n---\n**Done**\n+ plums",
+        "Items:\n* apples\n* pears\n+ plums",
     ),
     (
         "detectable_format:constrained_response",
