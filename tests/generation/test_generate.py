@@ -1,4 +1,14 @@
-"""Generation: the cached prefill/decode path agrees with the full-sequence forward and with transformers."""
+"""Generation: the cached prefill/decode path agrees with the training forward and with transformers.
+
+One rollout (3 prompts of different lengths, n = 2 samples each, top-k + top-p + temperature, routing
+recorded) is shared by most tests, and every other `generate` call here has the same shapes, so the whole
+module compiles the rollout function once.
+"""
+
+import dataclasses
+import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -6,48 +16,195 @@ import numpy as np
 import pytest
 
 import nemotron_jax as nj
-from nemotron_jax.generation import sampling_logprobs
+from nemotron_jax.generation import generate_arrays, moe_layer_names, replay_expert_ids, sampling_logprobs
+from nemotron_jax.generation.generate import PROMPT_LENGTH_MULTIPLE, _generate_padded
+from nemotron_jax.model import init_cache
+
+PROMPT_LENGTHS = (5, 13, 1)  # left padding of 11, 3 and 15 to the 16-token bucket
+NEW, N_SAMPLES = 8, 2
+SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.9)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     cfg = nj.ModelConfig.preset("tiny", eos_token_id=None)
     params = nj.init_params(cfg, jax.random.key(3))
-    return cfg, params
-
-
-def test_sampled_logprobs_match_full_forward(tiny, jit_apply):
-    cfg, params = tiny
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 19, 1)]  # left padding of 14, 0, 18
-    out = nj.generate(cfg, params, prompts, max_new_tokens=12, temperature=1.0, seed=7)
-    for prompt, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
-        assert len(tokens) == 12
-        sequence = jnp.asarray([prompt + tokens], jnp.int32)
-        full = jit_apply(cfg)({"params": params}, sequence)[0]
-        want = jax.nn.log_softmax(full[len(prompt) - 1:-1], axis=-1)
-        want = np.take_along_axis(np.asarray(want), np.asarray(tokens)[:, None], axis=1)[:, 0]
-        np.testing.assert_allclose(logprobs, want, atol=2e-4)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+    return cfg, params, prompts
 
 
-def test_stop_tokens_end_sequences_and_seed_is_deterministic(tiny):
-    cfg, params = tiny
-    prompts = [[5, 6, 7], [9]]
-    first = nj.generate(cfg, params, prompts, max_new_tokens=10, temperature=1.0, seed=1)
-    again = nj.generate(cfg, params, prompts, max_new_tokens=10, temperature=1.0, seed=1)
-    assert first.tokens == again.tokens
-    stop = first.tokens[0][3]
-    stopped = nj.generate(cfg, params, prompts, max_new_tokens=10, temperature=1.0, seed=1, stop_token_ids=[stop])
-    assert stopped.tokens[0] == first.tokens[0][:first.tokens[0].index(stop) + 1]
-    assert stopped.finished[0]
+def _rollout(tiny, **kwargs):
+    cfg, params, prompts = tiny
+    args = dict(max_new_tokens=NEW, n=N_SAMPLES, seed=7, return_routing=True, **SAMPLING) | kwargs
+    return nj.generate(cfg, params, prompts, **args)
 
 
-def test_top_p_and_greedy_logprobs():
-    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    nucleus = np.exp(np.asarray(sampling_logprobs(logits, 1.0, top_p=0.7)))[0]
-    np.testing.assert_allclose(nucleus, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(sampling_logprobs(logits, 0.0))[0], np.log([0.5, 0.3, 0.15, 0.05]),
-                               atol=1e-6)
+@pytest.fixture(scope="module")
+def rollout(tiny):
+    return _rollout(tiny)
+
+
+@functools.lru_cache(maxsize=None)
+def _training_forward(cfg):
+    """Jitted training forward of packed-style rows: (params, tokens, segment_ids, expert_ids or None) ->
+    (logits [B, T, V], recorded routing [B, L, T, k])."""
+    model = nj.NemotronH(cfg)
+    names = moe_layer_names(cfg)
+
+    @jax.jit
+    def forward(params, tokens, segment_ids, expert_ids):
+        logits, state = model.apply({"params": params}, tokens, segment_ids, expert_ids=expert_ids,
+                                    mutable=["intermediates"])
+        routing = jnp.stack([state["intermediates"][name]["mixer"]["expert_ids"][0] for name in names], axis=1)
+        return logits, routing.reshape(tokens.shape[0], tokens.shape[1], len(names), -1).transpose(0, 2, 1, 3)
+
+    return forward
+
+
+def _sequences(tiny, out):
+    """Left-padded [S, P + NEW] prompt + response rows (and segment ids) of each sample, like a trainer
+    would pack them."""
+    cfg, _, prompts = tiny
+    width = PROMPT_LENGTH_MULTIPLE
+    tokens = np.zeros((len(out.tokens), width + NEW), np.int32)
+    segments = np.zeros_like(tokens)
+    for s, response in enumerate(out.tokens):
+        prompt = prompts[s // N_SAMPLES]
+        tokens[s, width - len(prompt):width + len(response)] = prompt + response
+        segments[s, width - len(prompt):width + len(response)] = 1
+    return tokens, segments
+
+
+def _response_logprobs(logits, tokens):
+    """Log-probs of the NEW response tokens of each row under `log_softmax(logits)`: [S, NEW]."""
+    width = PROMPT_LENGTH_MULTIPLE
+    logprobs = jax.nn.log_softmax(jnp.asarray(logits[:, width - 1:-1]), axis=-1)
+    return np.take_along_axis(np.asarray(logprobs), tokens[:, width:, None], axis=-1)[..., 0]
+
+
+def test_rollout_logprobs_and_routing_match_the_training_forward(tiny, rollout):
+    cfg, params, prompts = tiny
+    tokens, segments = _sequences(tiny, rollout)
+    assert all(len(t) == NEW for t in rollout.tokens) and rollout.finish_reasons == ["length"] * 6
+    forward = _training_forward(cfg)
+    logits, own_routing = forward(params, tokens, segments, None)
+    want = _response_logprobs(logits, tokens)
+    got = np.asarray(rollout.logprobs)
+    assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
+    # Under the sampling distribution, recomputed from the forward's logits with the same filters.
+    want_sampling = np.take_along_axis(np.asarray(sampling_logprobs(
+        logits[:, PROMPT_LENGTH_MULTIPLE - 1:-1], SAMPLING["temperature"], SAMPLING["top_p"], SAMPLING["top_k"])),
+        tokens[:, PROMPT_LENGTH_MULTIPLE:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(rollout.sampling_logprobs, want_sampling, atol=1e-5)
+    assert np.all(np.asarray(rollout.sampling_logprobs) > np.asarray(rollout.logprobs))  # truncation + T < 1
+
+    # Routing: every prompt and response token, and exactly the experts the training forward picks.
+    names = moe_layer_names(cfg)
+    width = PROMPT_LENGTH_MULTIPLE
+    for s, routing in enumerate(rollout.routing):
+        start = width - len(prompts[s // N_SAMPLES])
+        assert routing.shape == (len(names), width - start + NEW, cfg.num_experts_per_tok)
+        assert routing.dtype == np.int32
+        np.testing.assert_array_equal(routing, np.asarray(own_routing)[s, :, start:])
+
+    # Replay: forcing the recorded experts reproduces the rollout's log-probs.
+    full = np.zeros(own_routing.shape, np.int32)
+    for s, routing in enumerate(rollout.routing):
+        full[s, :, width + NEW - routing.shape[1]:] = routing
+    replayed, replayed_routing = forward(params, tokens, segments, replay_expert_ids(cfg, full))
+    np.testing.assert_array_equal(np.asarray(replayed_routing)[:, :, width:], full[:, :, width:])
+    assert np.abs(_response_logprobs(replayed, tokens) - got).max() <= 1e-5
+
+
+def test_decode_step_logits_equal_the_full_forward(tiny, rollout):
+    """Teacher-forced: prefill the prompts, then feed the rollout's tokens one at a time (every layer kind,
+    prompts of different lengths); each step's logits equal the full forward's at that position."""
+    cfg, params, _ = tiny
+    tokens, segments = _sequences(tiny, rollout)
+    model = nj.NemotronH(cfg)
+    width = PROMPT_LENGTH_MULTIPLE
+
+    @jax.jit
+    def teacher_forced(params, tokens, segments):
+        cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+        logits, cache = model.apply({"params": params}, tokens[:, :width], cache, segments[:, :width],
+                                    method=nj.NemotronH.forward_cached)
+
+        def step(cache, token):
+            step_logits, cache = model.apply({"params": params}, token[:, None], cache,
+                                             method=nj.NemotronH.forward_cached)
+            return cache, step_logits[:, 0]
+
+        _, decoded = jax.lax.scan(step, cache, tokens[:, width:-1].T)
+        return jnp.concatenate([logits[:, -1:], decoded.transpose(1, 0, 2)], axis=1)  # [S, NEW, V]
+
+    cached = np.asarray(teacher_forced(params, tokens, segments))
+    full = np.asarray(_training_forward(cfg)(params, tokens, segments, None)[0])[:, width - 1:-1]
+    scale = np.abs(full).max()
+    assert np.abs(cached - full).max() <= 1e-4 * scale, (np.abs(cached - full).max(), scale)
+
+
+def test_n_samples_share_one_prefill_and_differ(tiny, rollout):
+    cfg, params, prompts = tiny
+    for i in range(len(prompts)):
+        assert rollout.tokens[i * N_SAMPLES] != rollout.tokens[i * N_SAMPLES + 1]
+        # The prompt part of the routing is the same for the samples of a prompt (one prefill).
+        length = len(prompts[i])
+        np.testing.assert_array_equal(rollout.routing[i * N_SAMPLES][:, :length],
+                                      rollout.routing[i * N_SAMPLES + 1][:, :length])
+    # The traced program embeds the [B, P] prompts once, never [B * n, P] copies of them.
+    tokens = jnp.zeros((3, PROMPT_LENGTH_MULTIPLE), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(functools.partial(
+        _generate_padded, cfg, max_new_tokens=NEW, n=N_SAMPLES, return_routing=False))(
+        params, tokens, tokens, jnp.full((8,), -1, jnp.int32), jax.random.key(0), jnp.float32(1.0),
+        jnp.float32(1.0), jnp.int32(0)))
+    prefill, per_sample = f"[3,{PROMPT_LENGTH_MULTIPLE},{cfg.hidden_size}]", f"[6,{PROMPT_LENGTH_MULTIPLE},"
+    assert prefill in jaxpr and not re.search(re.escape(per_sample), jaxpr)
+
+
+def test_one_compile_for_all_sampling_settings_and_seeds(tiny, rollout):
+    before = _generate_padded._cache_size()
+    greedy = _rollout(tiny, temperature=0.0, top_k=0, top_p=1.0, seed=1)
+    assert greedy.tokens[0] == greedy.tokens[1]  # greedy samples of one prompt agree
+    assert np.all(np.asarray(greedy.sampling_logprobs) == 0)
+    reseeded = _rollout(tiny, seed=8)
+    assert reseeded.tokens != rollout.tokens
+    assert _rollout(tiny).tokens == rollout.tokens  # same seed, same tokens
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.5, 3, 0.5), (1.7, 0, 0.95)]:
+        _rollout(tiny, temperature=temperature, top_k=top_k, top_p=top_p)
+    narrow = _rollout(tiny, top_k=1, temperature=1.0)
+    assert narrow.tokens == greedy.tokens  # top-1 sampling is greedy
+    assert _generate_padded._cache_size() == before
+
+
+def test_stop_tokens_and_finish_reasons(tiny, rollout):
+    stop = rollout.tokens[0][3]
+    stopped = _rollout(tiny, stop_token_ids=[stop, 1, 2])
+    first = rollout.tokens[0]
+    assert stopped.tokens[0] == first[:first.index(stop) + 1]
+    assert stopped.finished[0] and stopped.finish_reasons[0] == "stop"
+    assert stopped.logprobs[0] == pytest.approx(rollout.logprobs[0][:len(stopped.tokens[0])], abs=1e-6)
+    assert stopped.routing[0].shape[1] == PROMPT_LENGTHS[0] + len(stopped.tokens[0])
+    np.testing.assert_array_equal(stopped.routing[0], rollout.routing[0][:, :stopped.routing[0].shape[1]])
+    for tokens, finished, reason in zip(stopped.tokens, stopped.finished, stopped.finish_reasons):
+        assert finished == (stop in tokens or 1 in tokens or 2 in tokens)
+        assert reason == ("stop" if finished else "length") and (finished or len(tokens) == NEW)
+
+
+def test_generate_arrays_match_the_lists(tiny, rollout):
+    cfg, params, prompts = tiny
+    arrays = generate_arrays(cfg, params, prompts, max_new_tokens=NEW, n=N_SAMPLES, seed=7, return_routing=True,
+                             **SAMPLING)
+    assert arrays.tokens.shape == (6, NEW) and arrays.routing.shape[:3] == (6, 2, PROMPT_LENGTH_MULTIPLE + NEW)
+    np.testing.assert_array_equal(arrays.tokens, np.asarray(rollout.tokens))
+    np.testing.assert_array_equal(arrays.lengths, NEW)
+    np.testing.assert_array_equal(arrays.prompt_lengths, PROMPT_LENGTHS)
+    # The left-padded array form of the prompts gives the same rollout.
+    padded = np.asarray(arrays.prompt_tokens)[:, 2:]  # any width holding the prompts works
+    again = generate_arrays(cfg, params, padded, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=NEW, n=N_SAMPLES,
+                            seed=jax.random.key(7), return_routing=True, **SAMPLING)
+    np.testing.assert_array_equal(again.tokens, arrays.tokens)
 
 
 def test_greedy_generation_matches_transformers(hf_checkpoints):
@@ -56,16 +213,31 @@ def test_greedy_generation_matches_transformers(hf_checkpoints):
     hf_model, directory = hf_checkpoints["base"]
     cfg, params = nj.load_hf(directory)
     prompt = [17, 3, 99, 250, 4, 8, 41]
-    out = nj.generate(cfg, params, [prompt], max_new_tokens=8, temperature=0.0, stop_token_ids=[])
+    out = nj.generate(cfg, params, [prompt], max_new_tokens=64, temperature=0.0, stop_token_ids=[])
     with torch.no_grad():
-        want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+        want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
                                  pad_token_id=0)
     assert out.tokens[0] == want[0, len(prompt):].tolist()
+    assert out.finish_reasons == ["length"]
 
 
-def test_bad_prompts_are_rejected(tiny):
-    cfg, params = tiny
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        nj.generate(cfg, params, [[1, cfg.vocab_size]], max_new_tokens=2)
-    with pytest.raises(ValueError, match="at least one token"):
-        nj.generate(cfg, params, [[]], max_new_tokens=2)
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([[1, 512]], {}, "outside the vocabulary"),
+    ([[]], {}, "at least one token"),
+    ([], {}, "prompt list is empty"),
+    ([[1]], dict(stop_token_ids=[9999]), "stop_token_ids"),
+    ([[1]], dict(temperature=math.nan), "temperature must be a finite number"),
+    ([[1]], dict(temperature=-1.0), "temperature must be a finite number"),
+    ([[1]], dict(temperature=1e-30), "pass temperature=0 for greedy"),
+    ([[1]], dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    ([[1]], dict(top_p=1.01), r"top_p must be in \(0, 1\]"),
+    ([[1]], dict(top_k=-3), "top_k must be >= 0"),
+    ([[1]], dict(n=0), "n must be positive"),
+    ([[1]], dict(max_new_tokens=0), "max_new_tokens must be positive"),
+    ([[1] * 30], dict(max_new_tokens=8), "does not fit the cache"),
+])
+def test_bad_inputs_are_rejected(tiny, prompts, kwargs, message):
+    cfg, params, _ = tiny
+    cfg = dataclasses.replace(cfg, max_position_embeddings=32)
+    with pytest.raises(ValueError, match=message):
+        nj.generate(cfg, params, prompts, **({"max_new_tokens": 2} | kwargs))
