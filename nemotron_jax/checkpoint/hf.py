@@ -31,10 +31,11 @@ from nemotron_jax.checkpoint.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     CheckpointError,
-    checkpoint_files,
+    checkpoint_tensors,
+    count_non_finite,
     iterate_tensors,
     plan_shards,
-    read_header,
+    read_json,
     write_shard,
 )
 from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
@@ -163,11 +164,30 @@ def _detect_layout(names: set[str]) -> dict[str, Any]:
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
+    """The `config.json` of a checkpoint directory as a dict (CheckpointError if missing or malformed)."""
     path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{directory}: no config.json")
-    with open(path) as f:
-        return json.load(f)
+    config = read_json(path, "config", unique_keys=False)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: is a JSON {type(config).__name__}, not an object")
+    return config
+
+
+# What a config with wrong types or values can make the config constructors raise.
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError)
+
+
+def config_from_hf(directory: str, **overrides: Any) -> ModelConfig:
+    """`ModelConfig.from_hf_config` of the directory's `config.json`; any failure is a CheckpointError that
+    names the file."""
+    hf_config = read_hf_config(directory)
+    try:
+        return ModelConfig.from_hf_config(hf_config, **overrides)
+    except CONFIG_ERRORS as error:
+        detail = f"missing field {error}" if isinstance(error, KeyError) else str(error)
+        raise CheckpointError(f"{os.path.join(directory, 'config.json')}: unusable config "
+                              f"({type(error).__name__}: {detail})") from None
 
 
 ShardingSpec = Any  # a Sharding, a params-shaped pytree of Shardings, or a callable (path, shape) -> Sharding
@@ -192,6 +212,7 @@ def load_hf(
     param_dtype: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     ignore_tensors: tuple[str, ...] = (r"^mtp\.",),
+    check_finite: bool = True,
 ) -> tuple[ModelConfig, Any]:
     """Loads a Hugging Face `nemotron_h` checkpoint directory.
 
@@ -206,17 +227,21 @@ def load_hf(
       progress: called as `progress(tensors_done, tensors_total)` after each tensor.
       ignore_tensors: regular expressions of tensor names to skip (logged with their count). The default
         skips the multi-token-prediction heads, which transformers does not build either.
+      check_finite: reject a tensor holding NaN or infinity (also one that overflows when cast to
+        `param_dtype`). On by default; costs one pass over each tensor while it is in memory anyway.
 
     Returns:
       (config, params) with params a nested dict of `jax.Array`.
 
     Raises:
-      CheckpointError: a missing, unexpected or wrongly shaped tensor (named, with both shapes).
+      CheckpointError (a ValueError), naming the file and tensor: a missing, unexpected or wrongly shaped
+      tensor (with both shapes); a malformed config.json, index or safetensors header (bad JSON or UTF-8,
+      header over 100 MB, byte ranges that overlap, leave gaps, are negative or run past the file); a tensor
+      stored in two shards; an index entry pointing outside `directory`; a shard that is not a regular file
+      (e.g. a FIFO); non-finite values when `check_finite`.
     """
-    cfg = config or ModelConfig.from_hf_config(read_hf_config(directory),
-                                               **({"param_dtype": param_dtype} if param_dtype else {}))
-    files = checkpoint_files(directory)
-    stored = {info.name: info for path in files for info in read_header(path)}
+    cfg = config or config_from_hf(directory, **({"param_dtype": param_dtype} if param_dtype else {}))
+    files, stored = checkpoint_tensors(directory)
     ignored = {name for name in stored if any(re.search(pattern, name) for pattern in ignore_tensors)}
     if ignored:
         logging.getLogger(__name__).warning("load_hf: skipping %d tensors matching %s (e.g. %s)", len(ignored),
@@ -244,12 +269,26 @@ def load_hf(
     filling: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
     params: dict[ParamPath, jax.Array] = {}
     done = 0
+    seen_names: set[str] = set()
     for info, array in iterate_tensors(files, skip=ignored):
         done += 1
+        # The headers were checked above; a file rewritten since then must still agree with them.
+        if info.name not in by_hf_name or info.name in seen_names or info != stored.get(info.name):
+            raise CheckpointError(f"{info.file}: tensor {info.name!r} changed while the checkpoint was loaded")
+        seen_names.add(info.name)
         mapping, expert = by_hf_name[info.name]
         target = mapping.param
         # A view where no cast is needed: the only copies are the one read from disk and the placed array.
-        value = mapping.from_hf(array).astype(target.dtype, copy=False)
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below (check_finite)
+            value = mapping.from_hf(array).astype(target.dtype, copy=False)
+        if check_finite:
+            bad = count_non_finite(value)
+            if bad:
+                stored_bad = count_non_finite(array) if value.dtype != array.dtype else bad
+                cause = (f"{bad} of {value.size} values are NaN or infinite" if stored_bad else
+                         f"{bad} of {value.size} values overflow to infinity when cast to {value.dtype}")
+                raise CheckpointError(f"{info.file}: tensor {info.name!r}: {cause} (pass check_finite=False to "
+                                      "load it anyway)")
         del array
         if mapping.stacked:
             buffer, seen = filling.setdefault(mapping.path, (np.empty(target.shape, target.dtype), set()))
@@ -262,6 +301,9 @@ def load_hf(
         del value
         if progress is not None:
             progress(done, len(stored))
+    if seen_names != set(stored):
+        raise CheckpointError(f"{directory}: tensors {sorted(set(stored) - seen_names)[:10]} vanished while the "
+                              "checkpoint was loaded")
     return cfg, traverse_util.unflatten_dict(params)
 
 

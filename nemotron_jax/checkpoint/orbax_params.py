@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from nemotron_jax.checkpoint.atomic import atomic_directory
-from nemotron_jax.checkpoint.hf import ShardingSpec, sharding_lookup
-from nemotron_jax.checkpoint.safetensors_io import CheckpointError
+from nemotron_jax.checkpoint.hf import CONFIG_ERRORS, ShardingSpec, sharding_lookup
+from nemotron_jax.checkpoint.safetensors_io import CheckpointError, read_json
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.params import abstract_params
 
@@ -42,16 +42,21 @@ def save_params(cfg: ModelConfig, params: Any, directory: str, *, overwrite: boo
 
 
 def load_config(directory: str) -> ModelConfig:
+    """The `ModelConfig` saved beside the params (CheckpointError naming the file if missing or malformed)."""
     path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a nemotron-jax params checkpoint")
-    with open(path) as f:
-        fields = json.load(f)
+    fields = read_json(path, "model config")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: is a JSON {type(fields).__name__}, not an object")
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise CheckpointError(f"{path}: unknown ModelConfig fields {unknown}")
-    return ModelConfig(**fields)
+    try:
+        return ModelConfig(**fields)
+    except CONFIG_ERRORS as error:
+        raise CheckpointError(f"{path}: unusable config ({type(error).__name__}: {error})") from None
 
 
 def restore_params(directory: str, *, shardings: ShardingSpec = None) -> tuple[ModelConfig, Any]:

@@ -263,6 +263,9 @@ REWARD_SPEC_FIELDS: tuple[str, ...] = (
     "kwargs",
     "ground_truth",
     "pass_rate",
+    "tests",  # code: stdin/stdout or function-call test cases (see `rewards.code`)
+    "timeout_s",  # code: per-test time limit
+    "memory_mb",  # code: per-test memory limit
 )
 
 # Fields a domain's verifier cannot do without.
@@ -270,6 +273,7 @@ REQUIRED_REWARD_FIELDS: dict[str, tuple[str, ...]] = {
     "instruction_following": ("instruction_id_list", "kwargs"),
     "mcqa": ("expected_answer",),
     "workplace_assistant": ("ground_truth",),
+    "code": ("tests",),
 }
 
 # agent_ref name words -> domain, checked in order (NeMo Gym names its agents `<environment>_simple_agent`).

@@ -111,7 +111,8 @@ def dispatch_experts(
 
 class MoE(nn.Module):
     """x [B, T, D] -> [B, T, D]: routed experts plus the shared expert. Sows the chosen `expert_ids`
-    ([B*T, k]) into the "intermediates" collection so rollouts can record routing for replay."""
+    ([B*T, k]) and the float32 `router_logits` ([B*T, E]) into the "intermediates" collection (rollouts
+    record routing for replay; trainers measure expert load)."""
 
     config: ModelConfig
 
@@ -137,6 +138,8 @@ class MoE(nn.Module):
             expert_ids=expert_ids,
         )
         self.sow("intermediates", "expert_ids", routing.expert_ids)
+        # Trainers read these for expert-load metrics and the optional load-balancing loss.
+        self.sow("intermediates", "router_logits", routing.router_logits)
         compute = cfg.compute_jnp_dtype
         dense = dict(dtype=compute, param_dtype=cfg.param_jnp_dtype, use_bias=cfg.mlp_bias, kernel_init=std)
         expert_inputs = tokens.astype(compute)

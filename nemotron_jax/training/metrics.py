@@ -1,0 +1,87 @@
+"""Watching a run: a tqdm bar per stage, a JSONL metrics log and TensorBoard event files (tensorboardX, no
+TensorFlow), and per-stage summary tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+BAR_KEYS = ("reward", "loss", "kl_estimate", "nll")
+
+
+def _scalar(value: Any) -> float | None:
+    array = np.asarray(value)
+    return float(array) if array.ndim == 0 else None
+
+
+class MetricsLogger:
+    """Writes `run_dir/metrics.jsonl` (one JSON object per step: stage, step, scalar metrics) and
+    `run_dir/tensorboard/<stage>/` event files; arrays such as "moe/expert_load" [layers, E] go to TensorBoard
+    as per-layer histograms and per-expert scalars are not written (too many)."""
+
+    def __init__(self, run_dir: str, stage: str, total_steps: int, start_step: int, *, progress: bool = True):
+        from tensorboardX import SummaryWriter
+
+        self.stage = stage
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard", stage))
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True, leave=True)
+        self.history: list[dict[str, float]] = []
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        scalars = {}
+        for name, value in metrics.items():
+            scalar = _scalar(value)
+            if scalar is not None:
+                scalars[name] = scalar
+                self._writer.add_scalar(name, scalar, step)
+            elif name == "moe/expert_load":
+                for layer, row in enumerate(np.asarray(value)):
+                    self._writer.add_histogram(f"moe/expert_load_layer{layer}", row, step)
+        record = {"stage": self.stage, "step": step, "time": time.time(), **scalars}
+        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self._jsonl.flush()
+        self.history.append(scalars)
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {k: f"{scalars[k]:.3g}" for k in BAR_KEYS if k in scalars}
+            self._bar.set_postfix(shown, refresh=False)
+        return scalars
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._writer.close()
+        self._jsonl.close()
+
+    def summary(self) -> dict[str, float]:
+        """Mean of each scalar over the first and the last tenth of the logged steps (first/last)."""
+        if not self.history:
+            return {}
+        tenth = max(1, len(self.history) // 10)
+        out = {}
+        for name in sorted({k for h in self.history for k in h}):
+            first = [h[name] for h in self.history[:tenth] if name in h and math.isfinite(h[name])]
+            last = [h[name] for h in self.history[-tenth:] if name in h and math.isfinite(h[name])]
+            if first and last:
+                out[f"{name}/first"] = float(np.mean(first))
+                out[f"{name}/last"] = float(np.mean(last))
+        return out
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
