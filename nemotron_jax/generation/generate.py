@@ -146,9 +146,9 @@ def _collect_routing(state: dict[str, Any], names: list[str], dtype) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "n", "return_routing"))
-def _generate_padded(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: jax.Array,
-                     stop_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                     top_k: jax.Array, *, max_new_tokens: int, n: int, return_routing: bool):
+def _rollout_jit(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: jax.Array,
+                 stop_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                 top_k: jax.Array, *, max_new_tokens: int, n: int, return_routing: bool):
     """tokens/segment_ids [B, P] -> (generated int32 [S, N], logprobs float32 [S, N], sampling_logprobs
     float32 [S, N], lengths int32 [S], finished bool [S], routing [S, L, P + N, k] or None), S = B * n;
     positions after a sample's stop token are 0."""
@@ -221,6 +221,22 @@ def _generate_padded(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_i
     elif return_routing:  # no MoE layer
         routing = jnp.zeros((samples, 0, prompt_length + max_new_tokens, cfg.num_experts_per_tok), jnp.int32)
     return generated, logprobs, sampling_lps, lengths, finished, routing
+
+
+def _generate_padded(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: jax.Array,
+                     stop_ids: jax.Array, key: jax.Array, *, max_new_tokens: int, temperature: float,
+                     top_p: float):
+    """Deprecated (the earlier internal entry point, kept for callers written against it); use
+    `generate_arrays(cfg, params, prompts [B, P], prompt_lengths=..., ...)`.
+
+    tokens/segment_ids [B, P] (left-padded, segment 1 on the prompt) -> (generated int32 [B, N], log-probs
+    float32 [B, N] under the sampling distribution, lengths int32 [B], finished bool [B]).
+    """
+    check_sampling_args(temperature, top_p, 0)
+    generated, _, sampling_lps, lengths, finished, _ = _rollout_jit(
+        cfg, params, tokens, segment_ids, stop_ids, key, jnp.float32(temperature), jnp.float32(top_p),
+        jnp.int32(0), max_new_tokens=max_new_tokens, n=1, return_routing=False)
+    return generated, sampling_lps, lengths, finished
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -317,7 +333,7 @@ def generate_arrays(
     slots = max(MIN_STOP_SLOTS, 1 << math.ceil(math.log2(max(len(stop_token_ids), 1))))
     stop_ids = np.full((slots,), -1, np.int32)
     stop_ids[:len(stop_token_ids)] = stop_token_ids
-    generated, logprobs, sampling_lps, out_lengths, finished, routing = _generate_padded(
+    generated, logprobs, sampling_lps, out_lengths, finished, routing = _rollout_jit(
         cfg, params, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(stop_ids), _as_key(seed),
         jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k),
         max_new_tokens=max_new_tokens, n=n, return_routing=bool(return_routing))

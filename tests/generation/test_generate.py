@@ -17,7 +17,7 @@ import pytest
 
 import nemotron_jax as nj
 from nemotron_jax.generation import generate_arrays, moe_layer_names, replay_expert_ids, sampling_logprobs
-from nemotron_jax.generation.generate import PROMPT_LENGTH_MULTIPLE, _generate_padded
+from nemotron_jax.generation.generate import PROMPT_LENGTH_MULTIPLE, _rollout_jit
 from nemotron_jax.model import init_cache
 
 PROMPT_LENGTHS = (5, 13, 1)  # left padding of 11, 3 and 15 to the 16-token bucket
@@ -156,7 +156,7 @@ def test_n_samples_share_one_prefill_and_differ(tiny, rollout):
     # The traced program embeds the [B, P] prompts once, never [B * n, P] copies of them.
     tokens = jnp.zeros((3, PROMPT_LENGTH_MULTIPLE), jnp.int32)
     jaxpr = str(jax.make_jaxpr(functools.partial(
-        _generate_padded, cfg, max_new_tokens=NEW, n=N_SAMPLES, return_routing=False))(
+        _rollout_jit, cfg, max_new_tokens=NEW, n=N_SAMPLES, return_routing=False))(
         params, tokens, tokens, jnp.full((8,), -1, jnp.int32), jax.random.key(0), jnp.float32(1.0),
         jnp.float32(1.0), jnp.int32(0)))
     prefill, per_sample = f"[3,{PROMPT_LENGTH_MULTIPLE},{cfg.hidden_size}]", f"[6,{PROMPT_LENGTH_MULTIPLE},"
@@ -164,7 +164,7 @@ def test_n_samples_share_one_prefill_and_differ(tiny, rollout):
 
 
 def test_one_compile_for_all_sampling_settings_and_seeds(tiny, rollout):
-    before = _generate_padded._cache_size()
+    before = _rollout_jit._cache_size()
     greedy = _rollout(tiny, temperature=0.0, top_k=0, top_p=1.0, seed=1)
     assert greedy.tokens[0] == greedy.tokens[1]  # greedy samples of one prompt agree
     assert np.all(np.asarray(greedy.sampling_logprobs) == 0)
@@ -175,7 +175,7 @@ def test_one_compile_for_all_sampling_settings_and_seeds(tiny, rollout):
         _rollout(tiny, temperature=temperature, top_k=top_k, top_p=top_p)
     narrow = _rollout(tiny, top_k=1, temperature=1.0)
     assert narrow.tokens == greedy.tokens  # top-1 sampling is greedy
-    assert _generate_padded._cache_size() == before
+    assert _rollout_jit._cache_size() == before
 
 
 def test_stop_tokens_and_finish_reasons(tiny, rollout):
