@@ -16,23 +16,32 @@ def group_advantages(
     leave_one_out: bool = False,
     std_ddof: int = 1,
     eps: float = 1e-6,
+    leave_one_out_std: bool = False,
 ) -> jax.Array:
     """GRPO advantages of `N` samples laid out as consecutive groups of `group_size` samples per prompt.
 
     For sample i of a group with rewards r_1..r_G:
       baseline_i = mean_j r_j                       (default), or
                    (sum_j r_j - r_i) / (G - 1)      (`leave_one_out=True`);
-      A_i = r_i - baseline_i, then divided by (std_j r_j + eps) when `normalize_std`, where std is the group's
-      standard deviation with `std_ddof` degrees of freedom (1: unbiased, as torch.std; 0: population).
+      A_i = r_i - baseline_i, then, when `normalize_std`, divided by (s_i + eps) where
+        s_i = std_j r_j, the group's standard deviation with `std_ddof` degrees of freedom (1: unbiased, as
+              torch.std; 0: population) (default), or
+        s_i = std_{j != i} r_j, the standard deviation of the other G - 1 rewards (`leave_one_out_std=True`);
+              a sample whose s_i is 0 (the others all equal, or too few of them for `std_ddof`) is not
+              divided, as in NeMo-RL ("don't sharpen the ones with no variation").
     A group whose rewards are all equal gets exactly zero advantages (whatever the options).
 
-    Cascade-2's GRPO (plain group mean and std) is the default; NeMo-RL's default is `leave_one_out=True`.
+    Cascade-2's GRPO (plain group mean and std) is the default. NeMo-RL's GRPO default
+    (`use_leave_one_out_baseline: true`, `normalize_rewards: true`) is `leave_one_out=True,
+    leave_one_out_std=True` (its std is then the leave-one-out one); with `use_leave_one_out_baseline:
+    false` it is the default here.
 
     Args:
       rewards: `[N]` float (or int/bool), N a multiple of `group_size`.
       group_size: samples per prompt (G), a positive Python int.
       normalize_std: divide by the group standard deviation plus `eps`.
       leave_one_out: use the leave-one-out mean as the baseline (needs G >= 2).
+      leave_one_out_std: normalise by the leave-one-out standard deviation (needs G >= 2).
       std_ddof: delta degrees of freedom of the standard deviation (0 <= std_ddof < G when normalizing).
       eps: added to the standard deviation.
 
@@ -52,6 +61,8 @@ def group_advantages(
         )
     if leave_one_out and group_size < 2:
         raise ValueError(f"leave_one_out needs group_size >= 2, got group_size={group_size}")
+    if leave_one_out_std and group_size < 2:
+        raise ValueError(f"leave_one_out_std needs group_size >= 2, got group_size={group_size}")
     if normalize_std:
         if isinstance(std_ddof, bool) or not isinstance(std_ddof, int) or not 0 <= std_ddof < group_size:
             raise ValueError(f"std_ddof must be an int in [0, group_size={group_size}), got {std_ddof!r}")
@@ -66,7 +77,18 @@ def group_advantages(
     else:
         baseline = group_mean
     advantages = grouped - baseline
-    if normalize_std:
+    if normalize_std and leave_one_out_std:
+        # [groups, i, j]: the deviations of the others j != i from their own mean (exact; no E[r^2] - E[r]^2).
+        others = ~jnp.eye(group_size, dtype=bool)
+        others_mean = (group_sum - grouped) / (group_size - 1)
+        deviations = jnp.where(others, grouped[:, None, :] - others_mean[:, :, None], 0.0)
+        dof = group_size - 1 - std_ddof
+        if dof > 0:
+            std = jnp.sqrt(jnp.sum(jnp.square(deviations), axis=2) / dof)
+        else:
+            std = jnp.zeros_like(grouped)
+        advantages = jnp.where(std > 0, advantages / (std + eps), advantages)
+    elif normalize_std:
         variance = jnp.sum(jnp.square(grouped - group_mean), axis=1, keepdims=True) / (group_size - std_ddof)
         advantages = advantages / (jnp.sqrt(variance) + eps)
     # Rounding can leave ~1 ulp between equal rewards and their mean; amplified by 1/eps that would not be 0.

@@ -27,22 +27,30 @@ def check_aggregation(aggregation: str) -> None:
     _checks.check_choice("aggregation", aggregation, AGGREGATIONS)
 
 
-def token_and_sequence_counts(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_and_sequence_counts(mask: jax.Array, *, count_empty_rows: bool = False) -> tuple[jax.Array, jax.Array]:
     """The default normalisers of a batch: `(num_tokens, num_sequences)`, float32 scalars.
 
     Args:
       mask: `[B, T]` bool or numeric; valid tokens are `mask != 0`.
+      count_empty_rows: count every row as a sequence (`num_sequences = B`), as NeMo-RL does (its
+        `global_valid_seqs` is the number of valid samples, including those whose token mask is empty, e.g.
+        a response cut to zero trainable tokens). Rows that are not samples at all (padding rows) should then
+        be dropped from the batch, or their count subtracted.
 
     Returns:
       `num_tokens = sum(mask)`; `num_sequences` = the number of rows with at least one valid token (a row
-      whose mask is all zero is not a sequence: it adds nothing to any loss and is not counted). Compute these
-      on the whole batch before splitting it into micro-batches and pass them to every micro-batch's loss.
+      whose mask is all zero is not a sequence: it adds nothing to any loss and is not counted), or `B` with
+      `count_empty_rows`. Compute these on the whole batch before splitting it into micro-batches and pass
+      them to every micro-batch's loss.
     """
     mask = _checks.as_array(mask)
     _checks.check_rank("mask", mask, 2)
     weights = jnp.asarray(mask, jnp.float32)
     num_tokens = jnp.sum(weights)
-    num_sequences = jnp.sum(jnp.any(mask != 0, axis=1).astype(jnp.float32))
+    if count_empty_rows:
+        num_sequences = jnp.asarray(mask.shape[0], jnp.float32)
+    else:
+        num_sequences = jnp.sum(jnp.any(mask != 0, axis=1).astype(jnp.float32))
     return num_tokens, num_sequences
 
 
@@ -100,7 +108,9 @@ def aggregate_loss(
       num_sequences: scalar; defaults to the number of rows of this batch that have at least one valid token.
         Rows whose mask is all zero (padding rows, filtered samples) are NOT counted, so the global value to
         pass is the number of non-empty rows of the whole batch (`token_and_sequence_counts`). Used by the
-        three `seq_mean_*` aggregations.
+        three `seq_mean_*` aggregations. NeMo-RL divides by the number of valid samples instead, counting a
+        sample whose token mask is empty (it contributes 0): pass that count (e.g.
+        `token_and_sequence_counts(mask, count_empty_rows=True)`) to match it.
       max_tokens: scalar; defaults to `T` (this batch's padded length). Used by `"seq_mean_token_sum_norm"`;
         Dr. GRPO uses a constant here (the maximum generation length), and micro-batches padded to different
         lengths need that constant for their losses to add up.

@@ -25,21 +25,30 @@ def mopd_loss(
     num_tokens: Any = None,
     num_sequences: Any = None,
     max_tokens: Any = None,
+    old_logprobs: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MOPD loss: a policy gradient whose per-token advantage is the teacher-student log-prob gap.
 
-    Per valid token t (all three log-probs are of the token the rollout engine sampled):
-      a_t = sg(teacher_logprobs - logprobs)            sampled-token reverse-KL advantage,
-      r_t = exp(logprobs - rollout_logprobs)           training engine vs. inference engine,
-      w_t = sg(r_t) * 1[is_low <= r_t <= is_high]      ICE-POP style masked importance weight,
+    Per valid token t (all log-probs are of the token the rollout engine sampled), with o_t the training
+    engine's log-prob under the parameters that generated the batch (`old_logprobs`; by default
+    stop_gradient(logprobs), which it equals on the first minibatch of a step):
+      a_t = sg(teacher_logprobs - o_t)                 sampled-token reverse-KL advantage,
+      r_t = exp(o_t - rollout_logprobs)                training engine vs. inference engine,
+      w_t = r_t * 1[is_low <= r_t <= is_high]          ICE-POP masked importance weight (stop-gradient),
       L_t = -w_t * a_t * logprobs,
-    aggregated by `aggregate_loss` (default per sequence, 1/|V(y)|, as in the paper). The gradient is
+    aggregated by `aggregate_loss`. This is NeMo-RL's MOPD (its OPD advantage estimator `teacher - prev`,
+    then the REINFORCE loss `-A * logprobs` with ICE-POP weights `exp(prev - generation)`), so on a later
+    minibatch (current != old) the advantage and weight stay those of the rollout, not of the live
+    parameters. The default aggregation is the paper's per-sequence 1/|V(y)| (Eq. 4); NeMo-RL's MOPD recipe
+    uses a token-level loss: pass `aggregation="token_mean"` to match it. The gradient is
     -w_t a_t grad log pi; minimising it lowers KL(pi || pi_teacher).
 
     Args:
       logprobs: `[B, T]` float, log pi_train of the sampled tokens (differentiated).
       teacher_logprobs: `[B, T]` float, the domain teacher's log-probs of the same tokens.
       rollout_logprobs: `[B, T]` float, the inference engine's log-probs of the same tokens.
+      old_logprobs: optional `[B, T]` float, the training engine's log-probs under the parameters that
+        generated the batch (no gradient flows into them); default stop_gradient(logprobs).
       mask: `[B, T]` bool/numeric, valid (trainable) response tokens; other positions are ignored.
       is_low, is_high: importance-weight band, 0 <= is_low <= is_high (paper: 0.5, 2.0).
       aggregation, num_tokens, num_sequences, max_tokens: see `aggregate_loss`.
@@ -63,17 +72,22 @@ def mopd_loss(
     _checks.check_same_shape("teacher_logprobs", teacher_logprobs, "logprobs", logprobs)
     _checks.check_same_shape("rollout_logprobs", rollout_logprobs, "logprobs", logprobs)
     _checks.check_same_shape("mask", mask, "logprobs", logprobs)
+    if old_logprobs is not None:
+        old_logprobs = _checks.as_array(old_logprobs)
+        _checks.check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
     _checks.check_importance_band(is_low, is_high)
 
-    dtype = _checks.compute_dtype(logprobs, teacher_logprobs, rollout_logprobs)
+    dtype = _checks.compute_dtype(logprobs, teacher_logprobs, rollout_logprobs, old_logprobs)
     zero = jnp.zeros((), dtype)
     valid = mask != 0
     logprobs = jnp.where(valid, jnp.asarray(logprobs, dtype), zero)
     teacher_logprobs = jnp.where(valid, jnp.asarray(teacher_logprobs, dtype), zero)
     rollout_logprobs = jnp.where(valid, jnp.asarray(rollout_logprobs, dtype), zero)
 
-    advantage = sg(teacher_logprobs - logprobs)
-    ratio = sg(jnp.exp(logprobs - rollout_logprobs))
+    old = sg(logprobs) if old_logprobs is None else sg(jnp.where(valid, jnp.asarray(old_logprobs, dtype), zero))
+    advantage = sg(teacher_logprobs - old)
+    ratio = sg(jnp.exp(old - rollout_logprobs))
+    ratio = jnp.where(jnp.isfinite(ratio), ratio, zero)  # NeMo-RL's nan_to_num of the weight
     keep = (ratio >= is_low) & (ratio <= is_high)
     weight = jnp.where(keep, ratio, zero)
     per_token = -weight * advantage * logprobs

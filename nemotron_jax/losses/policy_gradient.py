@@ -11,7 +11,8 @@ from nemotron_jax.losses import _checks
 from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation, masked_token_mean, sequence_mean
 
 RATIO_KINDS = ("ppo", "on_policy", "gspo", "cispo")
-IS_CORRECTIONS = (None, "tis", "icepop", "seq_mask_tis")
+IS_CORRECTIONS = (None, "is", "tis", "icepop", "seq_mask_tis")
+IS_LEVELS = ("token", "sequence")
 
 sg = jax.lax.stop_gradient
 
@@ -35,21 +36,39 @@ def importance_weights(
     is_correction: str,
     is_low: Any,
     is_high: Any,
+    *,
+    level: str = "token",
 ) -> tuple[jax.Array, jax.Array]:
     """Train/rollout importance weights, stop-gradient. Returns `(weights [B, T], dropped [B, T] bool)`.
 
-    w = exp(old_logprobs - rollout_logprobs) per token, then
-      "tis":          min(w, is_high)                               (dropped: tokens that were truncated)
+    level="token": w = exp(old_logprobs - rollout_logprobs) per token;
+    level="sequence": w_b = exp(sum_t (old_logprobs - rollout_logprobs)) per sequence (the product of its
+      token ratios, NeMo-RL's `sequence_level_importance_ratios`), the same for all its tokens.
+    A weight that overflows to infinity is 0 (NeMo-RL's nan_to_num). Then
+      "is":           w                                             (untruncated; nothing dropped)
+      "tis":          clip(w, is_low, is_high)                      (dropped: tokens whose w was clipped)
       "icepop":       w * 1[is_low <= w <= is_high]                 (dropped: tokens zeroed)
       "seq_mask_tis": w * 1[is_low <= g_b <= is_high], g_b = exp(masked mean_t log w) per sequence
-                      (the per-token weights of kept sequences are not truncated; dropped: tokens zeroed).
+                      (token level only; the per-token weights of kept sequences are not truncated;
+                      dropped: tokens zeroed).
+    The mask selects tokens (its values do not scale the log-ratios).
     """
+    _checks.check_choice("level", level, IS_LEVELS)
+    if level == "sequence" and is_correction == "seq_mask_tis":
+        raise ValueError("is_correction='seq_mask_tis' masks sequences by their mean token log-ratio and keeps "
+                         "token-level weights; it cannot be combined with sequence-level importance weights "
+                         "(NeMo-RL rejects the same combination)")
     # The mask selects tokens; its value (a fractional loss weight) must not scale the log-ratio.
     log_w = sg(jnp.where(mask != 0, old_logprobs - rollout_logprobs, jnp.zeros((), old_logprobs.dtype)))
+    if level == "sequence":
+        log_w = jnp.broadcast_to(jnp.sum(log_w, axis=1, keepdims=True), log_w.shape)
     weights = jnp.exp(log_w)
+    weights = jnp.where(jnp.isfinite(weights), weights, 0.0)
+    if is_correction == "is":
+        return weights, jnp.zeros(weights.shape, bool)
     if is_correction == "tis":
-        dropped = weights > is_high
-        return jnp.minimum(weights, is_high), dropped
+        dropped = (weights > is_high) | (weights < is_low)
+        return jnp.clip(weights, is_low, is_high), dropped
     if is_correction == "icepop":
         keep = (weights >= is_low) & (weights <= is_high)
     else:  # seq_mask_tis
@@ -72,6 +91,7 @@ def policy_gradient_loss(
     is_correction: str | None = None,
     is_low: float = 0.5,
     is_high: float = 2.0,
+    is_level: str = "token",
     aggregation: str = "token_mean",
     num_tokens: Any = None,
     num_sequences: Any = None,
@@ -91,7 +111,9 @@ def policy_gradient_loss(
       ratio="cispo":     L = -A sg(clip(r, 1 - clip_low, 1 + clip_high)) logprobs with the token-level r.
       dual_clip=c (ppo/gspo/on_policy): where A < 0, L = min(L, -A c); c must be > 1.
     With is_correction, L -> w L with the stop-gradient weights of `importance_weights`
-    (w = exp(old_logprobs - rollout_logprobs): the rollout engine's sampling vs. the training engine).
+    (w = exp(old_logprobs - rollout_logprobs): the rollout engine's sampling vs. the training engine), per
+    token (`is_level="token"`, the default, for every ratio) or per sequence (`is_level="sequence"`:
+    w_b = exp(sum_t (old - rollout)), what NeMo-RL uses with GSPO).
     The result is aggregated by `aggregate_loss(L, mask, aggregation, num_tokens=..., num_sequences=...,
     max_tokens=...)`; pass the whole batch's counts to make micro-batch losses add up to the full-batch loss.
 
@@ -106,8 +128,11 @@ def policy_gradient_loss(
       ratio: "ppo", "on_policy", "gspo" or "cispo".
       clip_low, clip_high: >= 0; the ratio is clipped to [1 - clip_low, 1 + clip_high].
       dual_clip: None or a number > 1 (not with "cispo").
-      is_correction: None, "tis", "icepop" or "seq_mask_tis".
-      is_low, is_high: bounds of the importance weight, 0 <= is_low <= is_high, is_high > 0.
+      is_correction: None, "is" (untruncated), "tis" (clipped to [is_low, is_high]), "icepop" or
+        "seq_mask_tis" (not with ratio="gspo" nor is_level="sequence", as in NeMo-RL).
+      is_low, is_high: bounds of the importance weight, 0 <= is_low <= is_high, is_high > 0. For NeMo-RL's
+        "tis" without `truncated_importance_sampling_ratio_min`, pass is_low=0.
+      is_level: "token" (default) or "sequence", see above.
       aggregation, num_tokens, num_sequences, max_tokens: see `aggregate_loss`.
 
     Returns:
@@ -118,7 +143,7 @@ def policy_gradient_loss(
         "dual_clip_fraction" (with dual_clip): tokens where the dual clip is active;
         "mean_ratio": mean r;
         "is_masked_fraction" (icepop/seq_mask_tis) or "is_truncated_fraction" (tis): tokens whose importance
-          weight was zeroed / truncated; "mean_is_weight" (with is_correction);
+          weight was zeroed / clipped; "mean_is_weight" (with is_correction);
         "rollout_logprob_abs_diff" (with rollout_logprobs): mean |old_logprobs - rollout_logprobs|, the
           training/rollout engine mismatch.
 
@@ -128,6 +153,11 @@ def policy_gradient_loss(
     """
     _checks.check_choice("ratio", ratio, RATIO_KINDS)
     _checks.check_choice("is_correction", is_correction, IS_CORRECTIONS)
+    _checks.check_choice("is_level", is_level, IS_LEVELS)
+    if is_correction == "seq_mask_tis" and (ratio == "gspo" or is_level == "sequence"):
+        raise ValueError(f"is_correction='seq_mask_tis' cannot be combined with ratio={ratio!r}, "
+                         f"is_level={is_level!r}: it masks sequences but keeps token-level weights, while GSPO "
+                         "works with sequence-level ratios (NeMo-RL rejects the same combination)")
     check_aggregation(aggregation)
     logprobs, old_logprobs, advantages, mask, rollout_logprobs = (
         _checks.as_array(x) for x in (logprobs, old_logprobs, advantages, mask, rollout_logprobs)
@@ -197,10 +227,12 @@ def policy_gradient_loss(
     metrics["mean_ratio"] = masked_token_mean(sg(token_ratio), mask, num_tokens)
 
     if is_correction is not None:
-        weights, dropped = importance_weights(old_logprobs, rollout_logprobs, mask, is_correction, is_low, is_high)
+        weights, dropped = importance_weights(old_logprobs, rollout_logprobs, mask, is_correction, is_low, is_high,
+                                              level=is_level)
         per_token = weights * per_token
-        fraction_name = "is_truncated_fraction" if is_correction == "tis" else "is_masked_fraction"
-        metrics[fraction_name] = masked_token_mean(dropped.astype(dtype), mask, num_tokens)
+        if is_correction != "is":
+            fraction_name = "is_truncated_fraction" if is_correction == "tis" else "is_masked_fraction"
+            metrics[fraction_name] = masked_token_mean(dropped.astype(dtype), mask, num_tokens)
         metrics["mean_is_weight"] = masked_token_mean(weights, mask, num_tokens)
     if rollout_logprobs is not None:
         metrics["rollout_logprob_abs_diff"] = masked_token_mean(

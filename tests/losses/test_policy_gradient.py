@@ -37,7 +37,7 @@ def reference_is_weights(old, rollout, mask, kind, low, high):
     if kind is None:
         return np.ones_like(w)
     if kind == "tis":
-        return np.minimum(w, high)
+        return np.clip(w, low, high)
     if kind == "icepop":
         return w * ((w >= low) & (w <= high))
     out = np.zeros_like(w)
@@ -121,7 +121,7 @@ def run(lp, old, adv, mask, rollout, **kwargs):
     [
         combo
         for combo in itertools.product(("ppo", "gspo"), (None, "tis", "icepop", "seq_mask_tis"), AGGREGATIONS)
-        if combo[1] is None or combo[2] == "seq_mean_token_mean"
+        if (combo[1] is None or combo[2] == "seq_mean_token_mean") and combo[:2] != ("gspo", "seq_mask_tis")
     ],
 )
 def test_ppo_and_gspo_values_and_gradients(ratio, is_correction, aggregation):
@@ -248,8 +248,8 @@ def test_tis_truncated_fraction_and_seq_mask_drops_whole_sequences():
     assert np.any(grad[1:] != 0.0)
     _, metrics, _ = run(lp, old, adv, mask, rollout, ratio="ppo", is_correction="tis", is_high=2.0)
     w = np.exp(old - rollout)
-    np.testing.assert_allclose(float(metrics["is_truncated_fraction"]), (mask & (w > 2.0)).sum() / mask.sum(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["is_truncated_fraction"]),
+                               (mask & ((w > 2.0) | (w < 0.5))).sum() / mask.sum(), rtol=1e-6)
 
 
 def test_garbage_at_masked_positions_is_ignored():
@@ -293,6 +293,10 @@ def _args():
         (dict(dual_clip=0.9), "dual_clip"),
         (dict(dual_clip=3.0, ratio="cispo"), "dual_clip"),
         (dict(clip_low=-0.1), "clip_low"),
+        # NeMo-RL rejects seq-mask-TIS with GSPO / sequence-level importance ratios.
+        (dict(ratio="gspo", is_correction="seq_mask_tis", rollout_logprobs=jnp.zeros((2, 3))), "seq_mask_tis"),
+        (dict(is_level="sequence", is_correction="seq_mask_tis", rollout_logprobs=jnp.zeros((2, 3))), "seq_mask_tis"),
+        (dict(is_level="sequences", is_correction="tis", rollout_logprobs=jnp.zeros((2, 3))), "is_level"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
