@@ -135,6 +135,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 
     return tokens, segment_ids
 
 
+def dispatch_tile_rows(cfg: ModelConfig, num_tokens: int) -> int:
+    """Row tile of the "scan" expert dispatch for a step of `num_tokens` tokens.
+
+    The scan visits ceil(M / t) + E - 1 tiles of t rows for M = num_tokens * k token copies and E experts, so
+    its work is about M + (E - 1) * t rows: the training default (t = 128) wastes ~E * 128 rows on every
+    decode step of a few tokens. t = M / E (a power of two in [8, cfg.moe_tile_rows]) keeps the waste at
+    most about the real work.
+    """
+    copies = num_tokens * max(cfg.num_experts_per_tok, 1)
+    per_expert = -(-copies // max(cfg.n_routed_experts, 1))
+    return int(min(cfg.moe_tile_rows, max(8, 1 << max(per_expert - 1, 0).bit_length())))
+
+
 def _repeat_samples(tree: Any, n: int) -> Any:
     """Repeats every batch-leading leaf n times (row i -> rows i*n .. i*n + n-1)."""
     return tree if n == 1 else jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
@@ -152,15 +165,18 @@ def _rollout_jit(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: 
     """tokens/segment_ids [B, P] -> (generated int32 [S, N], logprobs float32 [S, N], sampling_logprobs
     float32 [S, N], lengths int32 [S], finished bool [S], routing [S, L, P + N, k] or None), S = B * n;
     positions after a sample's stop token are 0."""
-    model = NemotronH(cfg)
-    variables = {"params": params}
     batch, prompt_length = tokens.shape
     samples = batch * n
+    # The same model with expert-dispatch tiles sized for each phase (tiling does not change the results).
+    prefill_model = NemotronH(dataclasses.replace(cfg, moe_tile_rows=dispatch_tile_rows(cfg, batch * prompt_length)))
+    decode_model = NemotronH(dataclasses.replace(cfg, moe_tile_rows=dispatch_tile_rows(cfg, samples)))
+    variables = {"params": params}
     names = moe_layer_names(cfg) if return_routing else []
     routing_dtype = jnp.uint8 if cfg.n_routed_experts <= 256 else jnp.int32
     mutable = ["intermediates"] if names else False
 
     def forward(tokens, cache, segment_ids=None):
+        model = decode_model if segment_ids is None else prefill_model
         if not names:
             return model.apply(variables, tokens, cache, segment_ids, method=NemotronH.forward_cached), None
         out, state = model.apply(variables, tokens, cache, segment_ids, method=NemotronH.forward_cached,
