@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from nemotron_jax.model.config import ModelConfig
-from nemotron_jax.training.rollout import response_texts, sample_rollouts
+from nemotron_jax.training.rollout import bucket_length, response_texts, sample_rollouts
 from nemotron_jax.training.scoring import Scorer
 
 
@@ -41,6 +41,9 @@ def evaluate(cfg: ModelConfig, params: Any, tokenizer: Any, eval_sets: Mapping[s
              seed: int | None = None) -> dict[str, float]:
     """Mean reward per domain over `eval_sets[domain]` (lists of `data.RLPrompt`)."""
     seed = config.seed if seed is None else seed
+    # Fixed shapes across domains, chunks and stages: one compiled decode loop for every evaluation.
+    width = bucket_length(max(len(p.token_ids) for prompts in eval_sets.values() for p in prompts))
+    num_rows = config.batch_prompts * config.samples_per_prompt
     scores = {}
     for domain_index, (domain, prompts) in enumerate(sorted(eval_sets.items())):
         rewards = []
@@ -49,7 +52,8 @@ def evaluate(cfg: ModelConfig, params: Any, tokenizer: Any, eval_sets: Mapping[s
             rollouts = sample_rollouts(cfg, params, [p.token_ids for p in chunk], n=config.samples_per_prompt,
                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        top_p=config.top_p, stop_token_ids=stop_token_ids,
-                                       seed=seed + 7919 * domain_index + start)
+                                       seed=seed + 7919 * domain_index + start, prompt_length=width,
+                                       num_rows=num_rows)
             texts = response_texts(tokenizer, rollouts, stop_token_ids)
             n = config.samples_per_prompt
             specs = [p.reward_spec for p in chunk for _ in range(n)]

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -94,16 +95,37 @@ def parameter_labels(params: Any, *, freeze_router: bool) -> Any:
     return traverse_util.unflatten_dict(labels)
 
 
-def make_optimizer(config: OptimizerConfig, params: Any, total_steps: int) -> optax.GradientTransformation:
-    """The optax transformation for `params` (used only for their structure and names)."""
-    schedule = learning_rate_schedule(config, total_steps)
-    trainable = []
-    if config.max_grad_norm is not None:
-        trainable.append(optax.clip_by_global_norm(config.max_grad_norm))
-    trainable.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                                 weight_decay=config.weight_decay))
+def make_optimizer(config: OptimizerConfig, params: Any) -> optax.GradientTransformation:
+    """The optax transformation for `params` (used only for their structure and names).
+
+    The learning rate is an injected hyperparameter (`optax.inject_hyperparams`): the trainer sets it each
+    step from `learning_rate_schedule` (see `set_learning_rate`), so one compiled update step serves stages
+    that differ only in their schedule.
+    """
+    config.validate()
     labels = parameter_labels(params, freeze_router=config.freeze_router)
-    return optax.multi_transform({"train": optax.chain(*trainable), "frozen": optax.set_to_zero()}, labels)
+
+    def build(learning_rate):
+        trainable = []
+        if config.max_grad_norm is not None:
+            trainable.append(optax.clip_by_global_norm(config.max_grad_norm))
+        trainable.append(optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                                     weight_decay=config.weight_decay))
+        return optax.multi_transform({"train": optax.chain(*trainable), "frozen": optax.set_to_zero()}, labels)
+
+    return optax.inject_hyperparams(build)(learning_rate=config.learning_rate)
+
+
+def set_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
+    """`opt_state` of `make_optimizer` with its learning rate replaced (traced values are fine)."""
+    old = opt_state.hyperparams["learning_rate"]
+    return opt_state._replace(hyperparams={**opt_state.hyperparams,
+                                           "learning_rate": jnp.asarray(learning_rate, old.dtype)})
+
+
+def step_function_key(config: OptimizerConfig) -> tuple:
+    """The optimiser settings that shape a compiled update step (the schedule does not)."""
+    return (config.b1, config.b2, config.eps, config.weight_decay, config.max_grad_norm, config.freeze_router)
 
 
 def trainable_mask(params: Any, *, freeze_router: bool) -> Any:

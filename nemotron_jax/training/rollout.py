@@ -1,6 +1,6 @@
 """Rollouts for RL: `n` samples per prompt from the current params, laid out as fixed-shape training arrays.
 
-Sampling goes through `nj.generate` (the same `NemotronH` code as training). The training arrays are
+Sampling runs the decode loop of `nj.generate` (the same `NemotronH` code as training) on fixed shapes. The training arrays are
 right-padded to a fixed `[S, max_prompt_length + max_new_tokens]` so that one compiled step serves every batch:
 
     tokens       prompt ++ response ++ pad
@@ -13,12 +13,15 @@ right-padded to a fixed `[S, max_prompt_length + max_new_tokens]` so that one co
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from nemotron_jax.generation import generate
+# The jitted decode loop of `nj.generate`, called on fixed-shape arrays (`nj.generate` pads to each batch's
+# longest prompt, which would recompile for every new width).
+from nemotron_jax.generation.generate import _generate_padded
 from nemotron_jax.model.config import ModelConfig
 
 
@@ -42,25 +45,47 @@ class Rollouts:
         return len(self.response_tokens)
 
 
-def _generate_supports_n() -> bool:
-    return "n" in inspect.signature(generate).parameters
+def bucket_length(length: int, multiple: int = 64) -> int:
+    """`length` rounded up to a multiple of `multiple`: prompt widths come in few sizes, so few compilations."""
+    return -(-length // multiple) * multiple
 
 
 def sample_rollouts(cfg: ModelConfig, params: Any, prompts: Sequence[np.ndarray], *, n: int, max_new_tokens: int,
-                    temperature: float, top_p: float, stop_token_ids: Sequence[int], seed: int) -> Rollouts:
-    """Samples `n` responses for each prompt (token id arrays)."""
-    prompt_lists = [list(map(int, p)) for p in prompts]
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   stop_token_ids=list(stop_token_ids))
-    if n > 1 and _generate_supports_n():
-        out = generate(cfg, params, prompt_lists, n=n, **options)  # one prefill per prompt
-    else:
-        out = generate(cfg, params, [p for p in prompt_lists for _ in range(n)], **options)
+                    temperature: float, top_p: float, stop_token_ids: Sequence[int], seed: int,
+                    prompt_length: int | None = None, num_rows: int | None = None) -> Rollouts:
+    """Samples `n` responses for each prompt (token id arrays).
+
+    The decode loop is compiled per (rows, prompt width, max_new_tokens): prompts are left-padded to
+    `prompt_length` (default: the longest prompt, rounded up to a multiple of 64) and the batch is padded to
+    `num_rows` rows (default: len(prompts) * n) with copies of the first prompt whose samples are dropped, so
+    that every step of a stage (and every evaluation) reuses one compiled loop.
+    """
+    if not prompts:
+        raise ValueError("sample_rollouts: no prompts")
+    rows = [np.asarray(p, np.int32) for p in prompts for _ in range(n)]
+    num_samples = len(rows)
+    num_rows = num_samples if num_rows is None else num_rows
+    if num_rows < num_samples:
+        raise ValueError(f"sample_rollouts: num_rows={num_rows} < {num_samples} samples")
+    longest = max(len(p) for p in rows)
+    width = bucket_length(longest) if prompt_length is None else prompt_length
+    if longest > width:
+        raise ValueError(f"sample_rollouts: a prompt of {longest} tokens exceeds prompt_length={width}")
+    rows += [rows[0]] * (num_rows - num_samples)
+    tokens = np.full((num_rows, width), cfg.pad_token_id or 0, np.int32)
+    segment_ids = np.zeros((num_rows, width), np.int32)
+    for row, prompt in enumerate(rows):
+        tokens[row, width - len(prompt):] = prompt
+        segment_ids[row, width - len(prompt):] = 1
+    stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
+    generated, logprobs, lengths, finished = jax.device_get(_generate_padded(
+        cfg, params, jnp.asarray(tokens), jnp.asarray(segment_ids), stop_ids, jax.random.key(seed),
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p)))
     return Rollouts(
-        prompt_tokens=[np.asarray(p, np.int32) for p in prompts for _ in range(n)],
-        response_tokens=[list(t) for t in out.tokens],
-        rollout_logprobs=[list(lp) for lp in out.logprobs],
-        finished=np.asarray(out.finished, bool),
+        prompt_tokens=rows[:num_samples],
+        response_tokens=[generated[i, :lengths[i]].tolist() for i in range(num_samples)],
+        rollout_logprobs=[logprobs[i, :lengths[i]].tolist() for i in range(num_samples)],
+        finished=np.asarray(finished[:num_samples], bool),
         group_size=n,
     )
 

@@ -30,8 +30,13 @@ from nemotron_jax.training import mopd as mopd_lib
 from nemotron_jax.training.checkpointing import StageCheckpoints
 from nemotron_jax.training.forward import expert_counts, load_balancing_loss, moe_layer_names, policy_forward
 from nemotron_jax.training.metrics import MetricsLogger
-from nemotron_jax.training.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from nemotron_jax.training.rollout import response_texts, sample_rollouts, training_arrays
+from nemotron_jax.training.optimizer import (
+    OptimizerConfig,
+    learning_rate_schedule,
+    make_optimizer,
+    step_function_key,
+)
+from nemotron_jax.training.rollout import bucket_length, response_texts, sample_rollouts, training_arrays
 from nemotron_jax.training.scoring import Scorer
 from nemotron_jax.training.state import KEY_ROLLOUT, TrainState, host_seed
 from nemotron_jax.training.update import LossAux, make_train_step
@@ -124,6 +129,10 @@ def make_sft_loss(cfg: ModelConfig, config: SFTConfig) -> Callable:
     return loss_fn
 
 
+_STEP_CACHE: dict[tuple, Callable] = {}
+_FORWARD_CACHE: dict[tuple, Callable] = {}
+
+
 class StageTrainer:
     """Common loop; subclasses implement `make_data`, `make_update`, `train_step`."""
 
@@ -146,8 +155,23 @@ class StageTrainer:
     def make_data(self) -> Any:
         raise NotImplementedError
 
-    def make_update(self, optimizer, schedule) -> None:
+    def make_update(self, optimizer) -> None:
         raise NotImplementedError
+
+    def compiled_step(self, optimizer, loss_key: Any, make_loss: Callable, *, num_microbatches: int,
+                      expert_bias_update_rate: float = 0.0) -> Callable:
+        """The jitted update step, shared by every stage with the same model, loss and optimiser settings (so
+        a pipeline compiles it once, not once per stage)."""
+        key = (self.algorithm, self.cfg, loss_key, step_function_key(self.optimizer_config), num_microbatches,
+               expert_bias_update_rate)
+        if key not in _STEP_CACHE:
+            _STEP_CACHE[key] = make_train_step(make_loss(), optimizer, num_microbatches=num_microbatches,
+                                               expert_bias_update_rate=expert_bias_update_rate,
+                                               moe_layers=moe_layer_names(self.cfg))
+        return _STEP_CACHE[key]
+
+    def learning_rate(self, update_index: int) -> np.ndarray:
+        return np.asarray(self.schedule(update_index), np.float32)
 
     def train_step(self, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         raise NotImplementedError
@@ -164,8 +188,8 @@ class StageTrainer:
         template = init_params if init_params is not None else abstract_params(self.cfg)
         # The optimiser's schedule counts optimiser updates; a GRPO step may make several.
         total_updates = self.steps * self.updates_per_step
-        optimizer = make_optimizer(self.optimizer_config, template, total_updates)
-        schedule = learning_rate_schedule(self.optimizer_config, total_updates)
+        optimizer = make_optimizer(self.optimizer_config, template)
+        self.schedule = learning_rate_schedule(self.optimizer_config, total_updates)
         self.iterator = iter(self.make_data())
         latest = checkpoints.latest_step()
         if latest is not None:
@@ -177,7 +201,7 @@ class StageTrainer:
                 raise ValueError(f"stage {self.name}: no checkpoint to resume and no initial params")
             state = TrainState.create(init_params, optimizer, self.seed)
         self.prepare(init_params)
-        self.make_update(optimizer, schedule)
+        self.make_update(optimizer)
         start = int(state.step)
         logger = MetricsLogger(self.env.run_dir, self.name, self.steps, start, progress=self.env.progress)
         last_good = latest
@@ -234,28 +258,30 @@ class SFTTrainer(StageTrainer):
                                prefetch_buffer_size=8)
         return sft_dataset(open_source(self.data_files), self.env.tokenizer, config)
 
-    def make_update(self, optimizer, schedule):
-        self.update = make_train_step(make_sft_loss(self.cfg, self.config), optimizer,
-                                      num_microbatches=self.config.num_microbatches,
-                                      expert_bias_update_rate=self.config.expert_bias_update_rate,
-                                      moe_layers=moe_layer_names(self.cfg), learning_rate=schedule)
+    def make_update(self, optimizer):
+        self.update = self.compiled_step(optimizer, self.config, lambda: make_sft_loss(self.cfg, self.config),
+                                         num_microbatches=self.config.num_microbatches,
+                                         expert_bias_update_rate=self.config.expert_bias_update_rate)
 
     def train_step(self, state):
         batch = next(self.iterator)
         arrays = {k: np.asarray(batch[k]) for k in ("tokens", "targets", "segment_ids", "loss_mask")}
         normalizers = {"num_tokens": np.asarray(arrays["loss_mask"].sum(), np.float32),
                        "num_input_tokens": np.asarray((arrays["segment_ids"] > 0).sum(), np.float32)}
-        return self.update(state, arrays, normalizers)
+        return self.update(state, arrays, normalizers, self.learning_rate(int(state.step)))
 
 
 def _logprob_fn(cfg: ModelConfig, with_routing: bool = False) -> Callable:
     """Jitted (params, batch) -> log-probs [B, T] (and the routing used, for replay), no gradient."""
+    key = (cfg, with_routing)
+    if key not in _FORWARD_CACHE:
+        def forward(params, batch):
+            batch = {k: batch[k] for k in ("tokens", "targets", "segment_ids")}
+            out = policy_forward(cfg, params, batch["tokens"], batch["targets"], batch["segment_ids"])
+            return (out.logprobs, out.expert_ids) if with_routing else out.logprobs
 
-    def forward(params, batch):
-        out = policy_forward(cfg, params, batch["tokens"], batch["targets"], batch["segment_ids"])
-        return (out.logprobs, out.expert_ids) if with_routing else out.logprobs
-
-    return jax.jit(forward)
+        _FORWARD_CACHE[key] = jax.jit(forward)
+    return _FORWARD_CACHE[key]
 
 
 class _RLTrainer(StageTrainer):
@@ -274,8 +300,12 @@ class _RLTrainer(StageTrainer):
         return rl_prompt_dataset(open_source(self.data_files), self.env.tokenizer, config)
 
     @property
+    def prompt_width(self) -> int:
+        return bucket_length(self.config.max_prompt_length)
+
+    @property
     def sequence_length(self) -> int:
-        return self.config.max_prompt_length + self.config.max_new_tokens
+        return self.prompt_width + self.config.max_new_tokens
 
     def _timed(self, name: str, began: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
@@ -285,7 +315,8 @@ class _RLTrainer(StageTrainer):
         rollouts = sample_rollouts(self.cfg, params, [p.token_ids for p in prompts], n=self.config.samples_per_prompt,
                                    max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
                                    top_p=self.config.top_p, stop_token_ids=self.env.stop_token_ids,
-                                   seed=host_seed(key))
+                                   seed=host_seed(key), prompt_length=self.prompt_width,
+                                   num_rows=self.config.rows_per_step)
         self._timed("generation", began)
         return rollouts
 
@@ -324,11 +355,10 @@ class GRPOTrainer(_RLTrainer):
             # Resuming: the reference is the stage's initial params, which the pipeline passes again.
             raise ValueError(f"stage {self.name}: the KL reference needs the stage's initial params")
 
-    def make_update(self, optimizer, schedule):
-        self.update = make_train_step(grpo_lib.make_grpo_loss(self.cfg, self.config), optimizer,
-                                      num_microbatches=self.config.num_microbatches,
-                                      expert_bias_update_rate=self.config.expert_bias_update_rate,
-                                      moe_layers=moe_layer_names(self.cfg), learning_rate=schedule)
+    def make_update(self, optimizer):
+        self.update = self.compiled_step(optimizer, self.config, lambda: grpo_lib.make_grpo_loss(self.cfg, self.config),
+                                         num_microbatches=self.config.num_microbatches,
+                                         expert_bias_update_rate=self.config.expert_bias_update_rate)
 
     def train_step(self, state):
         config = self.config
@@ -375,10 +405,12 @@ class GRPOTrainer(_RLTrainer):
         if self.reference_logprobs is not None:
             batch["ref_logprobs"] = np.asarray(self.reference_logprobs(self.reference_params, batch))
         update_metrics = []
+        first_update = int(state.step) * self.updates_per_step
         for _ in range(config.epochs_per_step):
             for part in grpo_lib.minibatch_slices(rows, config):
                 minibatch = {k: v[part] for k, v in batch.items()}
-                state, m = self.update(state, minibatch, grpo_lib.update_normalizers(minibatch))
+                rate = self.learning_rate(first_update + len(update_metrics))
+                state, m = self.update(state, minibatch, grpo_lib.update_normalizers(minibatch), rate)
                 update_metrics.append(m)
         if len(update_metrics) > 1:  # `state.step` counts rollout steps (the optimiser counts its updates)
             state = state.replace(step=state.step - len(update_metrics) + 1)
@@ -398,10 +430,9 @@ class MOPDTrainer(_RLTrainer):
     def prepare(self, init_params):
         self.teacher_forward = _logprob_fn(self.cfg)
 
-    def make_update(self, optimizer, schedule):
-        self.update = make_train_step(mopd_lib.make_mopd_loss(self.cfg, self.config), optimizer,
-                                      num_microbatches=self.config.num_microbatches,
-                                      moe_layers=moe_layer_names(self.cfg), learning_rate=schedule)
+    def make_update(self, optimizer):
+        self.update = self.compiled_step(optimizer, self.config, lambda: mopd_lib.make_mopd_loss(self.cfg, self.config),
+                                         num_microbatches=self.config.num_microbatches)
 
     def train_step(self, state):
         prompts = next(self.iterator).prompts
@@ -419,7 +450,8 @@ class MOPDTrainer(_RLTrainer):
         batch["teacher_logprobs"] = mopd_lib.teacher_logprobs(self.teacher_forward, self.teachers, domains, batch)
         self._timed("teacher", began)
         began = time.perf_counter()
-        state, update_metrics = self.update(state, batch, grpo_lib.update_normalizers(batch))
+        state, update_metrics = self.update(state, batch, grpo_lib.update_normalizers(batch),
+                                            self.learning_rate(int(state.step)))
         metrics.update(jax.device_get(update_metrics))
         metrics["response_length"] = float(np.mean([len(r) for r in rollouts.response_tokens]))
         metrics["truncated_fraction"] = float(1.0 - rollouts.finished.mean())

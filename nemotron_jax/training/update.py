@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nemotron_jax.training.optimizer import EXPERT_BIAS_NAME
+from nemotron_jax.training.optimizer import EXPERT_BIAS_NAME, set_learning_rate
 from nemotron_jax.training.state import TrainState
 
 
@@ -70,14 +70,16 @@ def make_train_step(
     num_microbatches: int = 1,
     expert_bias_update_rate: float = 0.0,
     moe_layers: tuple[str, ...] = (),
-    learning_rate: optax.Schedule | None = None,
     donate: bool = True,
-) -> Callable[[TrainState, dict[str, jax.Array], dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Returns jitted `step(state, batch, normalizers) -> (new_state, metrics)`.
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns jitted `step(state, batch, normalizers, learning_rate) -> (new_state, metrics)`.
+
+    `learning_rate` (a scalar, traced) is set into the optimiser state of `optimizer.make_optimizer` before the
+    update, so stages with different schedules share the compiled step.
 
     The batch's leading dimension is split into `num_microbatches` slices whose gradients are accumulated in
     a `lax.scan` (one compiled micro-step, memory of one micro-batch). Metrics: the loss function's, plus
-    "loss", "grad_norm", "update_norm", "learning_rate" (with `learning_rate`), and "moe/max_load_ratio"
+    "loss", "grad_norm", "update_norm", "learning_rate", and "moe/max_load_ratio"
     (busiest expert's load over the mean, averaged over MoE layers) with "moe/expert_load" [layers, E]
     (fractions of each layer's routed slots).
     """
@@ -85,7 +87,8 @@ def make_train_step(
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], normalizers: dict[str, jax.Array]):
+    def step(state: TrainState, batch: dict[str, jax.Array], normalizers: dict[str, jax.Array],
+             learning_rate: jax.Array):
         micro = split_microbatches(batch, num_microbatches)
         first = jax.tree.map(lambda x: x[0], micro)
         (_, aux_shape), _ = jax.eval_shape(grad_fn, state.params, first, normalizers)
@@ -104,7 +107,8 @@ def make_train_step(
                 jnp.zeros(aux_shape.expert_counts.shape, jnp.float32))
         (grads, loss, metrics, counts), _ = jax.lax.scan(accumulate, init, micro)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        opt_state = set_learning_rate(state.opt_state, learning_rate)
+        updates, opt_state = optimizer.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if expert_bias_update_rate:
             params = expert_bias_update(params, counts, expert_bias_update_rate, moe_layers)
@@ -112,8 +116,7 @@ def make_train_step(
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["update_norm"] = optax.global_norm(updates)
-        if learning_rate is not None:
-            metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+        metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
         if counts.shape[0]:
             per_layer_total = jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
             load = counts / per_layer_total
