@@ -181,7 +181,10 @@ class CascadePipeline:
         """Runs `prepare`, loads the tokenizer and model config, reads eval sets, validates every stage."""
         os.makedirs(self.run_dir, exist_ok=True)
         if self.config.prepare is not None:
-            self.config.prepare(self.run_dir)
+            try:
+                self.config.prepare(self.run_dir)
+            except (ValueError, OSError) as error:
+                raise PipelineConfigError(f"PipelineConfig.prepare failed: {error}") from error
         self.tokenizer = load_tokenizer(_expand(self.config.tokenizer, self.run_dir))
         self.stop_token_ids = tuple(chat_stop_token_ids(self.tokenizer))
         self.cfg = self._model_config()

@@ -19,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The jitted decode loop of `nj.generate`, called on fixed-shape arrays (`nj.generate` pads to each batch's
-# longest prompt, which would recompile for every new width).
-from nemotron_jax.generation.generate import _generate_padded
+from nemotron_jax.generation.generate import generate_arrays
 from nemotron_jax.model.config import ModelConfig
 
 
@@ -53,39 +51,40 @@ def bucket_length(length: int, multiple: int = 64) -> int:
 def sample_rollouts(cfg: ModelConfig, params: Any, prompts: Sequence[np.ndarray], *, n: int, max_new_tokens: int,
                     temperature: float, top_p: float, stop_token_ids: Sequence[int], seed: int,
                     prompt_length: int | None = None, num_rows: int | None = None) -> Rollouts:
-    """Samples `n` responses for each prompt (token id arrays).
+    """Samples `n` responses for each prompt (token id arrays) with `nj.generate_arrays` (the `n` samples of a
+    prompt share one prefill).
 
     The decode loop is compiled per (rows, prompt width, max_new_tokens): prompts are left-padded to
     `prompt_length` (default: the longest prompt, rounded up to a multiple of 64) and the batch is padded to
-    `num_rows` rows (default: len(prompts) * n) with copies of the first prompt whose samples are dropped, so
-    that every step of a stage (and every evaluation) reuses one compiled loop.
+    `num_rows` sample rows (a multiple of `n`; default len(prompts) * n) with copies of the first prompt whose
+    samples are dropped, so that every step of a stage (and every evaluation) reuses one compiled loop.
     """
     if not prompts:
         raise ValueError("sample_rollouts: no prompts")
-    rows = [np.asarray(p, np.int32) for p in prompts for _ in range(n)]
-    num_samples = len(rows)
+    prompts = [np.asarray(p, np.int32) for p in prompts]
+    num_samples = len(prompts) * n
     num_rows = num_samples if num_rows is None else num_rows
-    if num_rows < num_samples:
-        raise ValueError(f"sample_rollouts: num_rows={num_rows} < {num_samples} samples")
-    longest = max(len(p) for p in rows)
+    if num_rows < num_samples or num_rows % n:
+        raise ValueError(f"sample_rollouts: num_rows={num_rows} must be a multiple of n={n} and at least "
+                         f"{num_samples} (samples)")
+    longest = max(len(p) for p in prompts)
     width = bucket_length(longest) if prompt_length is None else prompt_length
     if longest > width:
         raise ValueError(f"sample_rollouts: a prompt of {longest} tokens exceeds prompt_length={width}")
-    rows += [rows[0]] * (num_rows - num_samples)
-    tokens = np.full((num_rows, width), cfg.pad_token_id or 0, np.int32)
-    segment_ids = np.zeros((num_rows, width), np.int32)
-    for row, prompt in enumerate(rows):
+    padded = prompts + [prompts[0]] * (num_rows // n - len(prompts))
+    tokens = np.full((len(padded), width), cfg.pad_token_id or 0, np.int32)
+    for row, prompt in enumerate(padded):
         tokens[row, width - len(prompt):] = prompt
-        segment_ids[row, width - len(prompt):] = 1
-    stop_ids = jnp.asarray(list(stop_token_ids) or [-1], jnp.int32)
-    generated, logprobs, lengths, finished = jax.device_get(_generate_padded(
-        cfg, params, jnp.asarray(tokens), jnp.asarray(segment_ids), stop_ids, jax.random.key(seed),
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p)))
+    out = jax.device_get(generate_arrays(
+        cfg, params, tokens, prompt_lengths=np.asarray([len(p) for p in padded], np.int32), n=n,
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+        stop_token_ids=list(stop_token_ids), seed=seed))
+    lengths = out.lengths
     return Rollouts(
-        prompt_tokens=rows[:num_samples],
-        response_tokens=[generated[i, :lengths[i]].tolist() for i in range(num_samples)],
-        rollout_logprobs=[logprobs[i, :lengths[i]].tolist() for i in range(num_samples)],
-        finished=np.asarray(finished[:num_samples], bool),
+        prompt_tokens=[prompts[i // n] for i in range(num_samples)],
+        response_tokens=[out.tokens[i, :lengths[i]].tolist() for i in range(num_samples)],
+        rollout_logprobs=[out.sampling_logprobs[i, :lengths[i]].tolist() for i in range(num_samples)],
+        finished=np.asarray(out.finished[:num_samples], bool),
         group_size=n,
     )
 
