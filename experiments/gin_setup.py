@@ -79,6 +79,10 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     gin.add_config_file_search_path(CONFIG_ROOT)
     gin.add_config_file_search_path(os.path.dirname(CONFIG_ROOT))
     for path in gin_files:
+        candidates = [path, os.path.join(CONFIG_ROOT, path), os.path.join(os.path.dirname(CONFIG_ROOT), path)]
+        if not any(os.path.isfile(c) for c in candidates):
+            raise ValueError(f"gin file {path!r} not found (looked in the working directory, configs/ and the "
+                             "repository root)")
         try:
             gin.parse_config_file(path)
         except (ValueError, OSError) as error:

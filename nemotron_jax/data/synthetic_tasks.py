@@ -3,7 +3,7 @@
 Three domains, each scored by the project's own verifiers through the reward registry
 (``nemotron_jax.rewards.compute_reward(task.domain, response, task.reward_spec)``):
 
-* ``"math"``: add / subtract word problems with numbers below 100 ("Tom has 23 apples and gets 45 more. How many
+* ``"math"``: add / subtract word problems with numbers below 100 (``math_max_operand`` makes them smaller) ("Tom has 23 apples and gets 45 more. How many
   apples does Tom have now?"); answer ``The answer is \\boxed{68}.``; spec ``{"expected_answer": "68"}``.
 * ``"instruction_following"``: a one-line writing prompt plus ONE IFEval-style verifiable constraint from
   ``IF_INSTRUCTION_IDS`` (phrased as IFEval phrases it); the answer is a short sentence that follows it; spec
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import string
@@ -114,12 +115,15 @@ _MATH_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("{n} has {x} {o} and gives away {y}. How many {o} does {n} have left?", "sub"),
     ("{n} had {x} {o} and lost {y}. How many {o} are left?", "sub"),
 )
-_MATH_RADICES = (len(_MATH_TEMPLATES), len(_NAMES), len(_OBJECTS), MATH_MAX_OPERAND, MATH_MAX_OPERAND)
 _MATH_ERRORS = (1, 2, 10)  # a wrong answer is off by one of these
 
 
-def _math_parts(index: int) -> tuple[str, int]:
-    template, name, obj, a, b = _unrank(index, _MATH_RADICES)
+def _math_radices(max_operand: int) -> tuple[int, ...]:
+    return (len(_MATH_TEMPLATES), len(_NAMES), len(_OBJECTS), max_operand, max_operand)
+
+
+def _math_parts(index: int, max_operand: int = MATH_MAX_OPERAND) -> tuple[str, int]:
+    template, name, obj, a, b = _unrank(index, _math_radices(max_operand))
     a, b = a + 1, b + 1
     text, operation = _MATH_TEMPLATES[template]
     x, y = (a, b) if operation == "add" else (a + b, b)
@@ -132,8 +136,8 @@ def math_answer_text(value: int | str) -> str:
     return f"The answer is \\boxed{{{value}}}."
 
 
-def _build_math(index: int, rng: random.Random, wrong: bool) -> SyntheticTask:
-    prompt, value = _math_parts(index)
+def _build_math(index: int, rng: random.Random, wrong: bool, max_operand: int = MATH_MAX_OPERAND) -> SyntheticTask:
+    prompt, value = _math_parts(index, max_operand)
     shown = value
     if wrong:
         delta = rng.choice(_MATH_ERRORS)
@@ -392,11 +396,6 @@ def _build_code(index: int, rng: random.Random, wrong: bool) -> SyntheticTask:
 
 
 _SPACES: dict[str, _TaskSpace] = {
-    "math": _TaskSpace(
-        size=_MATH_RADICES[0] * _MATH_RADICES[1] * _MATH_RADICES[2] * _MATH_RADICES[3] * _MATH_RADICES[4],
-        prompt=lambda index: _math_parts(index)[0],
-        build=_build_math,
-    ),
     "instruction_following": _TaskSpace(
         size=_IF_RADICES[0] * _IF_RADICES[1] * _IF_RADICES[2],
         prompt=lambda index: _if_parts(index)[0],
@@ -412,20 +411,37 @@ _SPACES: dict[str, _TaskSpace] = {
 _ENUMERATE_LIMIT = 2_000_000  # spaces up to this size are enumerated when random draws run out
 
 
-def _check_domain(domain: str) -> _TaskSpace:
+def _math_space(max_operand: int) -> _TaskSpace:
+    """Math problems with operands in [1, max_operand] (the demo uses small ones: a model of a million parameters
+    learns single-digit facts from a thousand examples, not two-digit arithmetic)."""
+    if isinstance(max_operand, bool) or not isinstance(max_operand, int) or not 1 <= max_operand <= MATH_MAX_OPERAND:
+        raise ValueError(f"math_max_operand must be an int in [1, {MATH_MAX_OPERAND}], got {max_operand!r}")
+    return _TaskSpace(
+        size=math.prod(_math_radices(max_operand)),
+        prompt=lambda index: _math_parts(index, max_operand)[0],
+        build=lambda index, rng, wrong: _build_math(index, rng, wrong, max_operand),
+    )
+
+
+_SPACES["math"] = _math_space(MATH_MAX_OPERAND)
+
+
+def _check_domain(domain: str, math_max_operand: int = MATH_MAX_OPERAND) -> _TaskSpace:
     if domain not in _SPACES:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+    if domain == "math" and math_max_operand != MATH_MAX_OPERAND:
+        return _math_space(math_max_operand)
     return _SPACES[domain]
 
 
-def prompt_space_size(domain: str) -> int:
+def prompt_space_size(domain: str, *, math_max_operand: int = MATH_MAX_OPERAND) -> int:
     """How many distinct prompts ``domain`` has (the most ``generate_tasks`` can return)."""
-    return _check_domain(domain).size
+    return _check_domain(domain, math_max_operand).size
 
 
-def all_prompts(domain: str) -> list[str]:
+def all_prompts(domain: str, *, math_max_operand: int = MATH_MAX_OPERAND) -> list[str]:
     """Every prompt of ``domain``, in index order (for tests and inspection; math has ~770k)."""
-    space = _check_domain(domain)
+    space = _check_domain(domain, math_max_operand)
     return [space.prompt(index) for index in range(space.size)]
 
 
@@ -436,6 +452,7 @@ def generate_tasks(
     seed: int | str,
     error_rate: float = 0.0,
     exclude_prompts: Iterable[str] = (),
+    math_max_operand: int = MATH_MAX_OPERAND,
 ) -> list[SyntheticTask]:
     """``count`` tasks of ``domain`` with distinct prompts, none of them in ``exclude_prompts``.
 
@@ -444,11 +461,13 @@ def generate_tasks(
     breaking the constraint; code with a wrong constant or operation that the tests catch. Their reward spec is
     right, so the verifier scores them 0.
 
+    ``math_max_operand`` bounds the math operands (default: sums below 100).
+
     Raises:
-      ValueError naming ``domain`` (unknown), ``count`` (negative, not an int, or more than the domain has prompts
+      ValueError naming ``domain`` (unknown), ``math_max_operand``, ``count`` (negative, not an int, or more than the domain has prompts
       outside ``exclude_prompts``) or ``error_rate`` (outside [0, 1]).
     """
-    space = _check_domain(domain)
+    space = _check_domain(domain, math_max_operand)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be a non-negative int, got {count!r}")
     if not (isinstance(error_rate, (int, float)) and 0.0 <= error_rate <= 1.0):
@@ -495,7 +514,7 @@ def _sample_indices(
 # ------------------------------------------------------------------------------------------------------- tokenizer
 
 
-def tokenizer_corpus(seed: int | str, count_per_domain: int) -> list[str]:
+def tokenizer_corpus(seed: int | str, count_per_domain: int, *, math_max_operand: int = MATH_MAX_OPERAND) -> list[str]:
     """Texts to train the demo's SentencePiece tokenizer on: ``count_per_domain`` tasks of every domain (at most
     the domain's ``prompt_space_size``) rendered as instruct-mode chats (prompt, answer and the template's role
     words), and one text holding every ASCII letter, digit and punctuation mark (so none needs byte fallback)."""
@@ -503,8 +522,8 @@ def tokenizer_corpus(seed: int | str, count_per_domain: int) -> list[str]:
 
     texts = []
     for domain in DOMAINS:
-        count = min(count_per_domain, prompt_space_size(domain))
-        for task in generate_tasks(domain, count, seed=seed):
+        count = min(count_per_domain, prompt_space_size(domain, math_max_operand=math_max_operand))
+        for task in generate_tasks(domain, count, seed=seed, math_max_operand=math_max_operand):
             texts.append(render_chat_text(task.sft_record()["messages"], enable_thinking=False))
     texts.append(string.ascii_letters + " " + string.digits + " " + string.punctuation + " \n    ")
     return texts
@@ -563,6 +582,7 @@ def prepare_demo_workspace(
     eval_prompts_per_domain: int,
     sft_error_rates: Mapping[str, float] | None = None,
     tokenizer_vocab_size: int = 1000,
+    math_max_operand: int = MATH_MAX_OPERAND,
 ) -> dict[str, str]:
     """Writes the demo's data directory and returns names -> paths (see ``workspace_paths``).
 
@@ -599,6 +619,7 @@ def prepare_demo_workspace(
         "eval_prompts_per_domain": eval_prompts_per_domain,
         "sft_error_rates": {domain: float(rates.get(domain, 0.0)) for domain in DOMAINS},
         "tokenizer_vocab_size": tokenizer_vocab_size,
+        "math_max_operand": math_max_operand,
     }
     directory = os.fspath(directory)
     paths = workspace_paths(directory)
@@ -625,7 +646,8 @@ def prepare_demo_workspace(
     from nemotron_jax.data.tokenizer import train_sentencepiece
 
     eval_sets = {
-        domain: generate_tasks(domain, eval_prompts_per_domain, seed=f"{seed}/eval") for domain in DOMAINS
+        domain: generate_tasks(domain, eval_prompts_per_domain, seed=f"{seed}/eval", math_max_operand=math_max_operand)
+        for domain in DOMAINS
     }
     held_out = {domain: {task.prompt for task in tasks} for domain, tasks in eval_sets.items()}
     sft_tasks: list[SyntheticTask] = []
@@ -633,10 +655,11 @@ def prepare_demo_workspace(
     for domain in DOMAINS:
         sft_tasks.extend(generate_tasks(
             domain, sft_examples_per_domain, seed=f"{seed}/sft", error_rate=settings["sft_error_rates"][domain],
-            exclude_prompts=held_out[domain],
+            exclude_prompts=held_out[domain], math_max_operand=math_max_operand,
         ))
         rl_sets[domain] = generate_tasks(
-            domain, rl_prompts_per_domain, seed=f"{seed}/rl", exclude_prompts=held_out[domain]
+            domain, rl_prompts_per_domain, seed=f"{seed}/rl", exclude_prompts=held_out[domain],
+            math_max_operand=math_max_operand,
         )
     rng = random.Random(f"nemotron_jax.synthetic_tasks/workspace/{seed}")
     rng.shuffle(sft_tasks)
@@ -649,7 +672,7 @@ def prepare_demo_workspace(
         write_jsonl(paths[f"eval_{domain}"], (task.rl_record() for task in eval_sets[domain]))
     write_jsonl(paths["rl_mixed"], (task.rl_record() for task in mixed))
     tokenizer = train_sentencepiece(
-        tokenizer_corpus(f"{seed}/sft", sft_examples_per_domain),
+        tokenizer_corpus(f"{seed}/sft", sft_examples_per_domain, math_max_operand=math_max_operand),
         tokenizer_vocab_size,
     )
     _atomic_write(paths["tokenizer"], lambda handle: handle.write(tokenizer.model_bytes), mode="wb")

@@ -192,7 +192,8 @@ class CascadePipeline:
             raise PipelineConfigError(f"tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
                                       f"{self.cfg.vocab_size}")
         self.eval_sets = {domain: self._read_prompts((_expand(path, self.run_dir),), f"eval_files[{domain!r}]",
-                                                     max_prompt_length=None, enable_thinking=True)
+                                                     max_prompt_length=None,
+                                                     enable_thinking=self.config.eval.enable_thinking)
                           for domain, path in self.config.eval_files.items()}
         for domain, prompts in self.eval_sets.items():
             bad = sorted({p.domain for p in prompts} - {domain})

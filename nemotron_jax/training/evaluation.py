@@ -18,7 +18,8 @@ class EvalConfig:
     """samples_per_prompt: responses per prompt (pass@1 averaged over them); temperature 0: greedy, one sample.
     seed: the sampling seed (the same for every evaluation of a run, so scores after different stages are
     compared on the same draws); batch_prompts: prompts per generate call; spread_seeds: seeds used once to
-    measure the seed-to-seed spread of the scores."""
+    measure the seed-to-seed spread of the scores; enable_thinking: render eval prompts in thinking mode (as the
+    Cascade RL stages train) or instruct mode (match the stages' `StageConfig.enable_thinking`)."""
 
     samples_per_prompt: int = 4
     temperature: float = 1.0
@@ -27,6 +28,7 @@ class EvalConfig:
     seed: int = 1234
     batch_prompts: int = 64
     spread_seeds: int = 3
+    enable_thinking: bool = True
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1 or self.batch_prompts < 1 or self.max_new_tokens < 1:

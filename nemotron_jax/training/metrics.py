@@ -19,6 +19,33 @@ def _scalar(value: Any) -> float | None:
     return float(array) if array.ndim == 0 else None
 
 
+def _resume_log(path: str, stage: str, start_step: int) -> list[dict[str, float]]:
+    """Drops `stage`'s records past `start_step` from the JSONL log (steps logged after the checkpoint a run
+    resumes from, and a line cut by a kill) and returns the scalars of its records up to it, so that a resumed
+    stage logs and summarises exactly as an uninterrupted one."""
+    if not os.path.exists(path):
+        return []
+    kept, history, dropped = [], [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped = True
+                continue
+            if record.get("stage") == stage:
+                if record.get("step", 0) > start_step:
+                    dropped = True
+                    continue
+                history.append({k: v for k, v in record.items() if k not in ("stage", "step", "time")})
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        with open(path + ".partial", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".partial", path)
+    return history
+
+
 class MetricsLogger:
     """Writes `run_dir/metrics.jsonl` (one JSON object per step: stage, step, scalar metrics) and
     `run_dir/tensorboard/<stage>/` event files; arrays such as "moe/expert_load" [layers, E] go to TensorBoard
@@ -28,14 +55,17 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
 
         self.stage = stage
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard", stage))
+        path = os.path.join(run_dir, "metrics.jsonl")
+        self.history: list[dict[str, float]] = _resume_log(path, stage, start_step)
+        self._jsonl = open(path, "a")
+        # On resume, events past the restored step (logged before an interruption) are purged.
+        self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard", stage),
+                                     purge_step=start_step + 1 if start_step else None)
         self._bar = None
         if progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True, leave=True)
-        self.history: list[dict[str, float]] = []
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         scalars = {}

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import string
 
 import pytest
@@ -252,3 +253,14 @@ def test_workspace_regenerates_identically_when_unfinished(workspace, tmp_path):
     os.remove(again["rl_code"])
     st.prepare_demo_workspace(tmp_path, **SETTINGS)
     assert {name: open(path, "rb").read() for name, path in again.items()} == contents
+
+
+def test_math_max_operand_bounds_the_problems():
+    tasks = st.generate_tasks("math", 300, seed=0, math_max_operand=9)
+    assert st.prompt_space_size("math", math_max_operand=9) == 5 * 8 * 8 * 9 * 9
+    for task in tasks:
+        numbers = [int(n) for n in re.findall(r"\d+", task.prompt)]
+        assert max(numbers) <= 18 and int(task.reward_spec["expected_answer"]) <= 18, task.prompt
+    assert len({t.prompt for t in tasks}) == 300
+    with pytest.raises(ValueError, match="math_max_operand"):
+        st.generate_tasks("math", 3, seed=0, math_max_operand=0)
