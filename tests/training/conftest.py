@@ -81,6 +81,11 @@ def vowel_files(tmp_path):
             "sft": write_jsonl(os.path.join(tmp_path, "sft.jsonl"), sft_records(64))}
 
 
+def fresh_copy(params):
+    """A copy of `params`: trainers donate their initial params' buffers to the first update."""
+    return jax.tree.map(jax.numpy.copy, params)
+
+
 def stage_environment(cfg, tokenizer, run_dir: str):
     """A `StageEnvironment` for driving trainers directly (no periodic checkpoints, no progress bar)."""
     from nemotron_jax.data import chat_stop_token_ids
@@ -96,7 +101,7 @@ SFT_SETTINGS = dict(row_length=128, batch_size=4)
 
 
 def run_sft(cfg, tokenizer, params, records: list[dict], run_dir: str, *, steps: int, learning_rate: float = 3e-3):
-    """`steps` SFT steps of `SFTTrainer` on `records` from `params` -> (params, summary)."""
+    """`steps` SFT steps of `SFTTrainer` on `records` from (a copy of) `params` -> (params, summary)."""
     from nemotron_jax.training import OptimizerConfig, SFTConfig
     from nemotron_jax.training.trainers import SFTTrainer
 
@@ -105,7 +110,7 @@ def run_sft(cfg, tokenizer, params, records: list[dict], run_dir: str, *, steps:
     trainer = SFTTrainer("sft", steps, OptimizerConfig(learning_rate=learning_rate), [data],
                          stage_environment(cfg, tokenizer, run_dir), seed=0, enable_thinking=False,
                          sft=SFTConfig(**SFT_SETTINGS))
-    return trainer.run(params)
+    return trainer.run(fresh_copy(params))
 
 
 @pytest.fixture(scope="session")
