@@ -365,6 +365,23 @@ class CascadePipeline:
             table += f"\n\nseed-to-seed spread of the eval (max - min over {self.config.eval.spread_seeds} seeds): {spread}"
         return table
 
+    def summary_table(self, state: dict[str, Any]) -> str:
+        """One row per trained stage: algorithm, steps, wall time and the first -> last tenth means of its main
+        training metrics."""
+        columns = ("reward", "loss", "entropy", "nll", "reverse_kl_estimate", "response_length", "kept_fraction",
+                   "time/step")
+        rows = []
+        for stage in self.config.stages:
+            summary = state["stage_summaries"].get(stage.name)
+            if summary is None:
+                continue
+            cells = [stage.name, stage.algorithm, stage.steps, f"{summary.get('time/stage_seconds', float('nan')):.0f}"]
+            for name in columns:
+                first, last = summary.get(f"{name}/first"), summary.get(f"{name}/last")
+                cells.append("" if first is None else f"{first:.3g} -> {last:.3g}")
+            rows.append(cells)
+        return markdown_table(["stage", "algorithm", "steps", "seconds", *columns], rows)
+
     def _write_eval_table(self, state: dict[str, Any]) -> None:
         with open(os.path.join(self.run_dir, "eval_table.md.partial"), "w") as f:
             f.write(self.eval_table(state) + "\n")
@@ -408,7 +425,11 @@ class CascadePipeline:
         finally:
             scorer.close()
         self._write_eval_table(state)
-        self.log("\n" + self.eval_table(state))
+        summaries = self.summary_table(state)
+        with open(os.path.join(self.run_dir, "stage_summary.md"), "w") as f:
+            f.write(summaries + "\n")
+        self.log("\nper-stage training summary (mean over the first -> last tenth of each stage's steps):\n" + summaries)
+        self.log("\nheld-out eval after each stage:\n" + self.eval_table(state))
         return state
 
     def _run_stage(self, index: int, stage: StageConfig, state: dict[str, Any], scorer: Scorer) -> None:
@@ -428,6 +449,7 @@ class CascadePipeline:
             trainer = self._trainer(stage, state)
             self.log(f"[{stage.name}] {stage.algorithm}, {stage.steps} steps")
             params, summary = trainer.run(init)
+            summary["time/stage_seconds"] = time.perf_counter() - began
             state["stage_summaries"][stage.name] = summary
             save_params(self.cfg, params, final_dir, overwrite=True)
         train_seconds = time.perf_counter() - began

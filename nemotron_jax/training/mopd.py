@@ -85,18 +85,21 @@ def teacher_logprobs(logprob_fn: Callable[[Any, dict[str, np.ndarray]], np.ndarr
                      domains: list[str], batch: dict[str, np.ndarray]) -> np.ndarray:
     """float32 [B, T]: for each row, the log-probs of its tokens under the teacher of its domain.
 
-    `logprob_fn(params, batch) -> [B, T]` is the (jitted) forward; each teacher runs once over the rows of its
-    domains (the other rows are masked to padding, so shapes stay fixed). Rows past `len(domains)` (padding)
-    get 0.
+    `logprob_fn(params, batch) -> [B, T]` is the (jitted) forward over the whole batch (fixed shapes: one
+    compilation); it runs once per distinct teacher (domains sharing a checkpoint share the pass) and each row
+    takes the values of its domain's teacher. Rows past `len(domains)` (padding) get 0.
     """
+    missing = sorted(set(domains) - set(teachers))
+    if missing:
+        raise ValueError(f"MOPD: no teacher for domains {missing}; teachers cover {sorted(teachers)}")
     out = np.zeros(batch["mask"].shape, np.float32)
+    by_teacher: dict[int, tuple[Any, set[str]]] = {}
     for domain, params in teachers.items():
-        rows = np.asarray([d == domain for d in domains] + [False] * (len(out) - len(domains)))
+        by_teacher.setdefault(id(params), (params, set()))[1].add(domain)
+    for params, teacher_domains in by_teacher.values():
+        rows = np.asarray([d in teacher_domains for d in domains] + [False] * (len(out) - len(domains)))
         if not rows.any():
             continue
         values = np.asarray(logprob_fn(params, batch))
         out[rows] = values[rows]
-    missing = sorted(set(domains) - set(teachers))
-    if missing:
-        raise ValueError(f"MOPD: no teacher for domains {missing}; teachers cover {sorted(teachers)}")
     return out

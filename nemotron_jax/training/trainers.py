@@ -181,7 +181,10 @@ class StageTrainer:
 
     # -- the loop
     def run(self, init_params: Any | None) -> tuple[Any, dict[str, float]]:
-        """Trains from `init_params` (or resumes from this stage's checkpoint) -> (final params, summary)."""
+        """Trains from `init_params` (or resumes from this stage's checkpoint) -> (final params, summary).
+
+        The update step donates its state: the buffers of `init_params` are consumed by the first update (pass
+        a copy to keep using them)."""
         checkpoints = StageCheckpoints(os.path.join(self.env.run_dir, "checkpoints", self.name),
                                        save_every=self.env.checkpoint_every, keep=self.env.keep_checkpoints,
                                        async_save=self.env.async_checkpoints)
@@ -347,7 +350,11 @@ class GRPOTrainer(_RLTrainer):
         return self.config.minibatches_per_step * self.config.epochs_per_step
 
     def prepare(self, init_params):
-        self.reference_params = init_params if self.config.kl_coef else None
+        # A copy: `init_params` are also the initial state's params, whose buffers the first update donates
+        # (the reference itself was deleted after step 1).
+        self.reference_params = None
+        if self.config.kl_coef and init_params is not None:
+            self.reference_params = jax.tree.map(jnp.copy, init_params)
         needs = self.config.needs_old_logprobs or self.config.router_replay != "none"
         self.logprobs = _logprob_fn(self.cfg, with_routing=self.config.router_replay != "none") if needs else None
         self.reference_logprobs = _logprob_fn(self.cfg) if self.config.kl_coef else None

@@ -79,3 +79,46 @@ def vowel_files(tmp_path):
     return {"rl": write_jsonl(os.path.join(tmp_path, "rl.jsonl"), vowel_records(64)),
             "eval": write_jsonl(os.path.join(tmp_path, "eval.jsonl"), vowel_records(16, seed=1)),
             "sft": write_jsonl(os.path.join(tmp_path, "sft.jsonl"), sft_records(64))}
+
+
+def fresh_copy(params):
+    """A copy of `params`: trainers donate their initial params' buffers to the first update."""
+    return jax.tree.map(jax.numpy.copy, params)
+
+
+def stage_environment(cfg, tokenizer, run_dir: str):
+    """A `StageEnvironment` for driving trainers directly (no periodic checkpoints, no progress bar)."""
+    from nemotron_jax.data import chat_stop_token_ids
+    from nemotron_jax.training.trainers import StageEnvironment
+
+    return StageEnvironment(cfg=cfg, tokenizer=tokenizer, stop_token_ids=tuple(chat_stop_token_ids(tokenizer)),
+                            run_dir=run_dir, checkpoint_every=1000, keep_checkpoints=1, async_checkpoints=False,
+                            progress=False)
+
+
+# SFT settings shared by every warm start, so that they all reuse one compiled update step.
+SFT_SETTINGS = dict(row_length=128, batch_size=4)
+
+
+def run_sft(cfg, tokenizer, params, records: list[dict], run_dir: str, *, steps: int, learning_rate: float = 3e-3):
+    """`steps` SFT steps of `SFTTrainer` on `records` from (a copy of) `params` -> (params, summary)."""
+    from nemotron_jax.training import OptimizerConfig, SFTConfig
+    from nemotron_jax.training.trainers import SFTTrainer
+
+    os.makedirs(run_dir, exist_ok=True)
+    data = write_jsonl(os.path.join(run_dir, "sft.jsonl"), records)
+    trainer = SFTTrainer("sft", steps, OptimizerConfig(learning_rate=learning_rate), [data],
+                         stage_environment(cfg, tokenizer, run_dir), seed=0, enable_thinking=False,
+                         sft=SFTConfig(**SFT_SETTINGS))
+    return trainer.run(fresh_copy(params))
+
+
+@pytest.fixture(scope="session")
+def format_params(tiny_cfg, tiny_params, task_tokenizer, tmp_path_factory):
+    """Tiny params SFT-ed on `sft_records` (30 steps): they answer a few words and stop, so that RL rollouts
+    finish within a few tokens (a random model rarely samples the stop token, and a cut response scores 0).
+    About a third of the answers start with a vowel."""
+    params, summary = run_sft(tiny_cfg, task_tokenizer, tiny_params, sft_records(64),
+                              str(tmp_path_factory.mktemp("format_sft")), steps=30)
+    assert summary["nll/last"] < 0.5 * summary["nll/first"], summary
+    return params
