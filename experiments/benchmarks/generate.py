@@ -11,15 +11,23 @@ random tokens (all of one length, so neither side pads) are continued greedily:
     prefill tokens/s = batch * prompt_len / t(max_new_tokens = 1)
     decode tokens/s  = batch * (new_tokens - 1) / (t(max_new_tokens = new_tokens) - t(max_new_tokens = 1))
 
-Times are the best of `--repeats` calls after a warm-up call (which, for `nj.generate`, compiles). The
+Each t is the best of `--repeats` rounds after a warm-up call (which, for `nj.generate`, compiles); the
+engines alternate within every round, so a change of machine load between rounds hits both. transformers
+runs at every torch thread count of `--torch_threads` and its best one is the reference: on a loaded
+2-core machine, torch's two threads can wait on each other for 10x longer than one thread computes. The
 greedy tokens of both engines are compared on the first batch of each config (`tokens_equal`).
+
+`weights_read_s` is how long XLA takes to read every parameter once (a jitted sum over them): a decode
+step that touches all weights (every expert, at larger batches) cannot be faster, whichever engine runs it.
 
 Configs: `tiny` (the preset, all four layer kinds) and `medium` (55M parameters, 25M active, 16 experts top-4).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import platform
 import tempfile
@@ -38,8 +46,9 @@ flags.DEFINE_list("configs", ["tiny", "medium"], "Configs to run (tiny, medium).
 flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
-flags.DEFINE_integer("repeats", 2, "Timed calls per measurement (the best is kept).")
-flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
+flags.DEFINE_integer("repeats", 3, "Timed rounds per measurement (the best is kept).")
+flags.DEFINE_list("torch_threads", ["1", "2"], "torch.set_num_threads values to run transformers at (the best "
+                  "is the reference); 0 means torch's default.")
 
 # 55M parameters (25M active per token): 16 routed experts (top-4), every layer kind.
 _MEDIUM = dict(
@@ -81,14 +90,17 @@ def build_hf(cfg: nj.ModelConfig, directory: str):
     return model, implementation
 
 
-def best_time(function, repeats: int) -> float:
-    function()  # warm-up (compilation for JAX)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _elapsed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def weights_read_seconds(params, repeats: int = 5) -> float:
+    """Best time of a jitted sum over every parameter: one read of all weights."""
+    total = jax.jit(lambda tree: sum(leaf.astype(np.float32).sum() for leaf in jax.tree.leaves(tree)))
+    jax.block_until_ready(total(params))
+    return min(_elapsed(lambda: jax.block_until_ready(total(params))) for _ in range(repeats))
 
 
 def run_config(name: str) -> dict:
@@ -102,7 +114,9 @@ def run_config(name: str) -> dict:
     report = {"config": name, "params": nj.count_params(cfg), "active_params": nj.count_active_params(cfg),
               "layer_pattern": cfg.layer_pattern, "n_routed_experts": cfg.n_routed_experts,
               "num_experts_per_tok": cfg.num_experts_per_tok, "transformers_implementation": implementation,
-              "batches": []}
+              "weights_read_s": weights_read_seconds(params), "batches": []}
+    thread_counts = [int(t) for t in FLAGS.torch_threads]
+    default_threads = torch.get_num_threads()
     rng = np.random.default_rng(0)
     for batch in map(int, FLAGS.batches):
         prompts = rng.integers(3, cfg.vocab_size, (batch, FLAGS.prompt_len))
@@ -113,31 +127,49 @@ def run_config(name: str) -> dict:
             return nj.generate(cfg, params, prompt_lists, max_new_tokens=new_tokens, temperature=0.0,
                                stop_token_ids=[])
 
-        def theirs(new_tokens):
+        def theirs(new_tokens, threads):
+            torch.set_num_threads(threads or default_threads)
             with torch.no_grad():
                 return hf_model.generate(torch_prompts, attention_mask=torch.ones_like(torch_prompts),
                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                          eos_token_id=None, pad_token_id=0)
 
-        row = {"batch": batch, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens}
-        for engine, function in (("nemotron_jax", ours), ("transformers", theirs)):
-            compile_start = time.perf_counter()
-            first = best_time(lambda: function(1), FLAGS.repeats)
-            full = best_time(lambda: function(FLAGS.new_tokens), FLAGS.repeats)
+        engines = {"nemotron_jax": ours}
+        engines.update({f"transformers_threads_{t}": functools.partial(theirs, threads=t) for t in thread_counts})
+        best = {engine: {"first": math.inf, "full": math.inf} for engine in engines}
+        start = time.perf_counter()
+        for engine, function in engines.items():  # warm-up (compilation for JAX)
+            function(1)
+            function(FLAGS.new_tokens)
+        warmup_s = time.perf_counter() - start
+        for _ in range(FLAGS.repeats):
+            for engine, function in engines.items():
+                best[engine]["first"] = min(best[engine]["first"], _elapsed(lambda: function(1)))
+                best[engine]["full"] = min(best[engine]["full"], _elapsed(lambda: function(FLAGS.new_tokens)))
+        row = {"batch": batch, "prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens,
+               "warmup_s": warmup_s}
+        for engine, times in best.items():
+            decode_s = times["full"] - times["first"]
+            if decode_s <= 0:
+                print(f"WARNING: {name} batch {batch} {engine}: timing noise exceeds the decode time; raise "
+                      "--new_tokens or --repeats", flush=True)
             row[engine] = {
-                "prefill_s": first, "total_s": full,
-                "prefill_tokens_per_s": batch * FLAGS.prompt_len / first,
-                "decode_tokens_per_s": batch * (FLAGS.new_tokens - 1) / max(full - first, 1e-9),
-                "wall_incl_warmup_s": time.perf_counter() - compile_start,
+                "prefill_s": times["first"], "total_s": times["full"],
+                "prefill_tokens_per_s": batch * FLAGS.prompt_len / times["first"],
+                "decode_tokens_per_s": batch * (FLAGS.new_tokens - 1) / decode_s if decode_s > 0 else math.nan,
             }
             print(f"{name} batch {batch} {engine}: {row[engine]}", flush=True)
+        reference = max((e for e in engines if e.startswith("transformers")),
+                        key=lambda e: row[e]["decode_tokens_per_s"])
+        row["transformers"] = dict(row[reference], threads=int(reference.rsplit("_", 1)[1]) or default_threads)
         if not report["batches"]:
             ours_tokens = ours(FLAGS.new_tokens).tokens
-            theirs_tokens = theirs(FLAGS.new_tokens)[:, FLAGS.prompt_len:].tolist()
+            theirs_tokens = theirs(FLAGS.new_tokens, thread_counts[0])[:, FLAGS.prompt_len:].tolist()
             report["tokens_equal"] = ours_tokens == theirs_tokens
             report["tokens_equal_fraction"] = float(np.mean(np.asarray(ours_tokens) == np.asarray(theirs_tokens)))
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             row[f"{key}_ratio"] = row["nemotron_jax"][key] / row["transformers"][key]
+        row["decode_step_s"] = batch / row["nemotron_jax"]["decode_tokens_per_s"]
         report["batches"].append(row)
     return report
 
@@ -147,22 +179,23 @@ def main(argv):
     import torch
     import transformers
 
-    if FLAGS.torch_threads:
-        torch.set_num_threads(FLAGS.torch_threads)
     results = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
                     "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_default_threads": torch.get_num_threads(),
+                    "load_average_at_start": os.getloadavg()},
         "settings": {"prompt_len": FLAGS.prompt_len, "new_tokens": FLAGS.new_tokens, "repeats": FLAGS.repeats,
-                     "greedy": True},
+                     "torch_threads": FLAGS.torch_threads, "greedy": True},
         "configs": [run_config(name) for name in FLAGS.configs],
     }
     with open(FLAGS.out, "w") as handle:
         json.dump(results, handle, indent=2)
     for config in results["configs"]:
+        print(f"{config['config']}: all weights read once in {config['weights_read_s'] * 1e3:.1f} ms")
         for row in config["batches"]:
             print(f"{config['config']:>6} batch {row['batch']:>2}: decode {row['nemotron_jax']['decode_tokens_per_s']:9.1f} "
-                  f"vs {row['transformers']['decode_tokens_per_s']:8.1f} tok/s ({row['decode_tokens_per_s_ratio']:.1f}x), "
+                  f"vs {row['transformers']['decode_tokens_per_s']:8.1f} tok/s ({row['decode_tokens_per_s_ratio']:.1f}x, "
+                  f"torch threads {row['transformers']['threads']}, step {row['decode_step_s'] * 1e3:.1f} ms), "
                   f"prefill {row['nemotron_jax']['prefill_tokens_per_s']:9.1f} vs "
                   f"{row['transformers']['prefill_tokens_per_s']:8.1f} tok/s ({row['prefill_tokens_per_s_ratio']:.1f}x)")
 

@@ -103,8 +103,11 @@ def sample_tokens(key: jax.Array, logits: jax.Array, temperature: Any, top_p: An
     """
     logits = logits.astype(jnp.float32)
     sampling = sampling_logprobs(logits, temperature, top_p, top_k)
-    # Greedy rows hold a point mass, so the categorical draw is their arg-max too.
-    tokens = jax.random.categorical(key, sampling, axis=-1).astype(jnp.int32)
+    # Greedy rows hold a point mass, so the categorical draw is their arg-max too; when every row is greedy
+    # the draw (a Gumbel noise array the size of the logits) is skipped.
+    all_greedy = jnp.all(jnp.asarray(temperature) == 0)
+    tokens = jax.lax.cond(all_greedy, lambda: jnp.argmax(sampling, axis=-1).astype(jnp.int32),
+                          lambda: jax.random.categorical(key, sampling, axis=-1).astype(jnp.int32))
     chosen_sampling = jnp.take_along_axis(sampling, tokens[:, None], axis=-1)[:, 0]
     chosen = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen, chosen_sampling
