@@ -296,12 +296,15 @@ def _logprob_fn(cfg: ModelConfig, with_routing: bool = False) -> Callable:
     """Jitted (params, batch) -> log-probs [B, T] (and the routing used, for replay), no gradient."""
     key = (cfg, with_routing)
     if key not in _FORWARD_CACHE:
-        def forward(params, batch):
-            batch = {k: batch[k] for k in ("tokens", "targets", "segment_ids")}
-            out = policy_forward(cfg, params, batch["tokens"], batch["targets"], batch["segment_ids"])
+        @jax.jit
+        def forward(params, tokens, targets, segment_ids):
+            out = policy_forward(cfg, params, tokens, targets, segment_ids)
             return (out.logprobs, out.expert_ids) if with_routing else out.logprobs
 
-        _FORWARD_CACHE[key] = jax.jit(forward)
+        # Only the three arrays enter the jit: the batch's other entries (which differ between GRPO and MOPD
+        # batches) would otherwise be transferred, and change the cache key, compiling the forward again.
+        _FORWARD_CACHE[key] = lambda params, batch: forward(params, batch["tokens"], batch["targets"],
+                                                            batch["segment_ids"])
     return _FORWARD_CACHE[key]
 
 
