@@ -236,7 +236,10 @@ class CascadePipeline:
             prompts = next(iter(rl_prompt_dataset(source, self.tokenizer, config))).prompts
         except (ValueError, StopIteration) as error:
             raise PipelineConfigError(f"{where}: {error}") from None
-        check_domains([p.domain for p in prompts], where)
+        try:
+            check_domains([p.domain for p in prompts], where)
+        except ValueError as error:  # an unknown verifier is a configuration error too
+            raise PipelineConfigError(str(error)) from None
         return prompts
 
     def _validate_stage(self, index: int, stage: StageConfig) -> None:

@@ -2,8 +2,8 @@
 
 Each trainer resumes from its stage's latest Orbax checkpoint (state, data iterator, step), saves every
 `checkpoint_every` steps and at the end, stops cleanly on SIGTERM (final save, then `Preempted`), and stops on
-a non-finite loss with `TrainingDivergedError` (the diverged state is not saved; the last good checkpoint
-stays).
+a non-finite loss, gradient norm or update norm with `TrainingDivergedError` (the diverged state is not saved;
+the last good checkpoint stays).
 """
 
 from __future__ import annotations
@@ -129,6 +129,19 @@ def make_sft_loss(cfg: ModelConfig, config: SFTConfig) -> Callable:
     return loss_fn
 
 
+def _committed(tree: Any) -> Any:
+    """`tree` with every uncommitted array committed to the default device.
+
+    A jitted step's outputs are committed when any input is, and jit compiles per committed-ness of its inputs:
+    a state mixing committed leaves (restored params) with uncommitted ones (a fresh step counter, optimiser
+    count) compiled the update twice (step 1, then the all-committed state of step 2), and a stage started from
+    `init_params` did not share its compiled step with stages started from checkpoints.
+    """
+    device = jax.devices()[0]
+    return jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or x.committed else jax.device_put(x, device),
+                        tree)
+
+
 _STEP_CACHE: dict[tuple, Callable] = {}
 _FORWARD_CACHE: dict[tuple, Callable] = {}
 
@@ -203,6 +216,7 @@ class StageTrainer:
             if init_params is None:
                 raise ValueError(f"stage {self.name}: no checkpoint to resume and no initial params")
             state = TrainState.create(init_params, optimizer, self.seed)
+        state = _committed(state)
         self.prepare(init_params)
         self.make_update(optimizer)
         start = int(state.step)
@@ -215,14 +229,18 @@ class StageTrainer:
                     self.timings = {}
                     state, metrics = self.train_step(state)
                     metrics = jax.device_get(metrics)
-                    loss = float(np.asarray(metrics.get("loss", 0.0)))
-                    if not math.isfinite(loss):
+                    # The loss is that of the params before this step's update: a non-finite gradient or
+                    # update (finite loss) would otherwise save non-finite params as a "good" checkpoint.
+                    bad = {name: float(np.asarray(metrics[name])) for name in ("loss", "grad_norm", "update_norm")
+                           if name in metrics and not math.isfinite(float(np.asarray(metrics[name])))}
+                    if bad:
                         checkpoints.wait()
                         where = (f"the last good checkpoint is step {last_good} in {checkpoints.directory}"
                                  if last_good is not None else "no checkpoint of this stage was written")
+                        values = ", ".join(f"{name} {value}" for name, value in bad.items())
                         raise TrainingDivergedError(
-                            f"stage {self.name!r}: non-finite loss ({loss}) at step {step + 1}; stopped without "
-                            f"saving it; {where}")
+                            f"stage {self.name!r}: non-finite loss or update ({values}) at step {step + 1}; stopped "
+                            f"without saving it; {where}")
                     metrics.update({f"time/{k}": v for k, v in self.timings.items()})
                     metrics["time/step"] = time.perf_counter() - began
                     logger.log(step + 1, metrics)
@@ -278,12 +296,15 @@ def _logprob_fn(cfg: ModelConfig, with_routing: bool = False) -> Callable:
     """Jitted (params, batch) -> log-probs [B, T] (and the routing used, for replay), no gradient."""
     key = (cfg, with_routing)
     if key not in _FORWARD_CACHE:
-        def forward(params, batch):
-            batch = {k: batch[k] for k in ("tokens", "targets", "segment_ids")}
-            out = policy_forward(cfg, params, batch["tokens"], batch["targets"], batch["segment_ids"])
+        @jax.jit
+        def forward(params, tokens, targets, segment_ids):
+            out = policy_forward(cfg, params, tokens, targets, segment_ids)
             return (out.logprobs, out.expert_ids) if with_routing else out.logprobs
 
-        _FORWARD_CACHE[key] = jax.jit(forward)
+        # Only the three arrays enter the jit: the batch's other entries (which differ between GRPO and MOPD
+        # batches) would otherwise be transferred, and change the cache key, compiling the forward again.
+        _FORWARD_CACHE[key] = lambda params, batch: forward(params, batch["tokens"], batch["targets"],
+                                                            batch["segment_ids"])
     return _FORWARD_CACHE[key]
 
 

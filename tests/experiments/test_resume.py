@@ -19,7 +19,6 @@ SHORT_DEMO = [
     "nj.prepare_demo_workspace.sft_examples_per_domain = 40",
     "nj.prepare_demo_workspace.rl_prompts_per_domain = 40",
     "nj.prepare_demo_workspace.eval_prompts_per_domain = 4",
-    "nj.prepare_demo_workspace.tokenizer_vocab_size = 400",
     "nj.model_config.hidden_size = 64",
     "nj.PipelineConfig.stages = [@sft/nj.StageConfig(), @if_rl/nj.StageConfig()]",
     "nj.PipelineConfig.checkpoint_every = 2",

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nemotron_jax.data import chat_stop_token_ids
-from nemotron_jax.training import GRPOConfig, OptimizerConfig, Scorer, policy_forward, sample_rollouts, training_arrays
+from nemotron_jax.training import GRPOConfig, OptimizerConfig, Scorer, sample_rollouts, training_arrays, trainers
 from nemotron_jax.training import grpo as grpo_lib
 from nemotron_jax.training.trainers import GRPOTrainer
 from tests.training.conftest import fresh_copy, rl_prompt_tokens, stage_environment
@@ -152,17 +152,20 @@ PROMPTS_PER_STEP, SAMPLES_PER_PROMPT, MAX_NEW_TOKENS, PROMPT_WIDTH = 8, 4, 12, 6
 
 
 def test_training_arrays_align_with_sampler_logprobs(tiny_cfg, tiny_params, task_tokenizer):
-    """The training forward at the masked positions reproduces the sampler's per-token log-probs: the mask,
-    targets and rollout_logprobs of `training_arrays` line up with what `sample_rollouts` generated."""
+    """The training forward (`policy_forward`) at the masked positions reproduces the sampler's per-token
+    log-probs: the mask, targets and rollout_logprobs of `training_arrays` line up with what `sample_rollouts`
+    generated."""
+    # Committed to a device like a trainer's params, so that the GRPO run below reuses these compilations.
+    params = jax.device_put(tiny_params, jax.devices()[0])
     texts = ("say apple kiwi", "say lemon", "say olive echo plum", "say umbrella", "say grape melon peach onion")
     prompts = [rl_prompt_tokens(task_tokenizer, text) for text in texts]
     assert len({len(p) for p in prompts}) > 1  # left-padded for sampling, right-padded for training
     n = SAMPLES_PER_PROMPT
-    rollouts = sample_rollouts(tiny_cfg, tiny_params, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0,
+    rollouts = sample_rollouts(tiny_cfg, params, prompts, n=n, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0,
                                top_p=1.0, stop_token_ids=chat_stop_token_ids(task_tokenizer), seed=3,
                                prompt_length=PROMPT_WIDTH, num_rows=PROMPTS_PER_STEP * n)
     assert len(rollouts) == len(prompts) * n
-    num_rows = len(rollouts) + 2
+    num_rows = PROMPTS_PER_STEP * n  # the GRPO run's update rows: its trainer compiles the same forward
     arrays = training_arrays(rollouts.prompt_tokens, rollouts.response_tokens, rollouts.rollout_logprobs,
                              length=PROMPT_WIDTH + MAX_NEW_TOKENS, pad_id=task_tokenizer.pad_id, num_rows=num_rows)
     mask = arrays["mask"] > 0
@@ -175,8 +178,8 @@ def test_training_arrays_align_with_sampler_logprobs(tiny_cfg, tiny_params, task
         assert mask[row].sum() == len(response) == len(rollouts.rollout_logprobs[row])
     assert not mask[len(rollouts):].any()
 
-    forward = jax.jit(lambda p, b: policy_forward(tiny_cfg, p, b["tokens"], b["targets"], b["segment_ids"]).logprobs)
-    logprobs = np.asarray(forward(tiny_params, arrays))
+    # The trainers' jitted `policy_forward` (old / reference / teacher log-probs).
+    logprobs = np.asarray(trainers._logprob_fn(tiny_cfg)(params, arrays))
     np.testing.assert_allclose(logprobs[mask], arrays["rollout_logprobs"][mask], atol=1e-4)
     assert not arrays["rollout_logprobs"][~mask].any()
 
