@@ -87,9 +87,16 @@ def _gmm_scan(lhs, rhs, group_sizes, tile_rows: int, transpose_rhs: bool):
         tile, group, ok = schedule_entry
         row0 = tile * tile_rows
         rows = lax.dynamic_slice_in_dim(lhs_padded, row0, tile_rows, axis=0)
-        product = lax.dot_general(rows, rhs[group], contract, preferred_element_type=jnp.float32)
-        mask = _tile_row_mask(tile, group, ok, starts, ends, tile_rows)
-        product = jnp.where(mask[:, None], product, 0.0)
+
+        def multiply(rows):
+            product = lax.dot_general(rows, rhs[group], contract, preferred_element_type=jnp.float32)
+            mask = _tile_row_mask(tile, group, ok, starts, ends, tile_rows)
+            return jnp.where(mask[:, None], product, 0.0)
+
+        # Padding visits (up to G - 1 of them: all but one when a few rows meet many groups, as in a decode
+        # step) skip the weight slice and the matmul; the output update stays outside the branch, so no
+        # branch ever copies `out`.
+        product = lax.cond(ok, multiply, lambda rows: jnp.zeros((tile_rows, out_cols), jnp.float32), rows)
         current = lax.dynamic_slice_in_dim(out, row0, tile_rows, axis=0)
         return lax.dynamic_update_slice_in_dim(out, current + product, row0, axis=0), None
 
