@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import jax
@@ -41,7 +43,15 @@ def init_params(cfg: ModelConfig, key: jax.Array, *, shardings: Any = None) -> A
     """Randomly initialised params, built by one jitted `init` (optionally straight into `shardings`, a
     params-shaped pytree of `jax.sharding.Sharding`, so a large model is never materialised on one device)."""
 
-    def init(key):
-        return NemotronH(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+    if shardings is None:  # one compilation per config, not per call
+        return _jitted_init(cfg)(key)
+    return jax.jit(functools.partial(_init, cfg), out_shardings=shardings)(key)
 
-    return jax.jit(init, out_shardings=shardings)(key)
+
+def _init(cfg: ModelConfig, key: jax.Array) -> Any:
+    return NemotronH(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg: ModelConfig):
+    return jax.jit(functools.partial(_init, cfg))

@@ -114,8 +114,8 @@ def make_train_step(
             params = expert_bias_update(params, counts, expert_bias_update_rate, moe_layers)
         metrics = dict(metrics)
         metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["update_norm"] = optax.global_norm(updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["update_norm"] = optax.tree.norm(updates)
         metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
         if counts.shape[0]:
             per_layer_total = jnp.maximum(counts.sum(-1, keepdims=True), 1.0)

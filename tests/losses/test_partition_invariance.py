@@ -4,7 +4,7 @@ whole batch's normalisers, gives the full-batch loss and the full-batch gradient
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from nemotron_jax.losses import (
@@ -93,6 +93,8 @@ def check_partition(loss_fn, data, differentiated, cuts, rtol=2e-5, atol=2e-6):
     per_row_advantages=st.booleans(),
 )
 def test_policy_gradient_loss(seed, cuts, aggregation, ratio, is_correction, per_row_advantages):
+    # policy_gradient_loss rejects sequence-mask TIS with GSPO at trace time (as NeMo-RL does); not a partition case.
+    assume(not (ratio == "gspo" and is_correction == "seq_mask_tis"))
     data = random_batch(seed)
 
     def loss_fn(batch, num_tokens, num_sequences, max_tokens):
