@@ -213,3 +213,25 @@ def test_grpo_learns_vowel_task(tiny_cfg, format_params, task_tokenizer, vowel_f
     assert last >= first + 0.3, rewards
     assert not any(r.get("skipped_update") for r in steps[-WINDOW:])
     assert all(np.isfinite(r["kl"]) for r in steps if not r.get("skipped_update"))
+
+
+def test_ppo_minibatches_with_router_replay_run_and_update(tiny_cfg, format_params, task_tokenizer, vowel_files,
+                                                           tmp_path):
+    """The configurable PPO path: two minibatch updates per rollout batch against the old policy's log-probs,
+    replaying the old policy's expert choices. Every step makes finite updates that move the params."""
+    config = GRPOConfig(prompts_per_step=PROMPTS_PER_STEP, samples_per_prompt=SAMPLES_PER_PROMPT,
+                        max_new_tokens=MAX_NEW_TOKENS, max_prompt_length=PROMPT_WIDTH, max_refill_batches=1,
+                        dynamic_filtering=False, ratio="ppo", minibatches_per_step=2, router_replay="old_policy")
+    trainer = GRPOTrainer("ppo", 2, OptimizerConfig(learning_rate=1e-3), [vowel_files["rl"]],
+                          stage_environment(tiny_cfg, task_tokenizer, str(tmp_path)), seed=0, enable_thinking=False,
+                          config=config, scorer=Scorer(0))
+    start = fresh_copy(format_params)
+    before = jax.tree.map(np.asarray, start)
+    params, _ = trainer.run(start)
+    steps = step_metrics(str(tmp_path), "ppo")
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert all(np.isfinite(record[k]) for k in ("loss", "grad_norm", "update_norm", "clip_fraction", "mean_ratio"))
+        assert record["update_norm"] > 0
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, params)
+    assert any(jax.tree.leaves(moved))
