@@ -16,6 +16,7 @@ scoped one is built). `parse` fails before any work on unknown configurables or 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -48,24 +49,15 @@ def pipeline(config: PipelineConfig) -> PipelineConfig:
     return config
 
 
-def _register() -> None:
+@functools.cache
+def _register() -> Any:
+    """Registers the configurables once per process; -> the `nj.pipeline` configurable."""
     for target in (ModelSource, PipelineConfig, StageConfig, EvalConfig, OptimizerConfig, SFTConfig, GRPOConfig,
                    MOPDConfig):
         gin.external_configurable(target, module=GIN_MODULE)
     gin.external_configurable(synthetic_tasks.prepare_demo_workspace, module=GIN_MODULE)
     gin.configurable(model_config, module=GIN_MODULE)
-    gin.configurable(pipeline, module=GIN_MODULE)
-
-
-_configurables: dict[str, Any] = {}
-
-
-def configurables() -> dict[str, Any]:
-    """Registers the configurables once per process and returns them by name."""
-    if not _configurables:
-        _register()
-        _configurables["pipeline"] = gin.get_configurable(f"{GIN_MODULE}.pipeline")
-    return _configurables
+    return gin.configurable(pipeline, module=GIN_MODULE)
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
@@ -74,7 +66,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     Raises ValueError naming the file or binding if a configurable or parameter is unknown (gin raises as it
     parses, so nothing has run yet).
     """
-    configurables()
+    _register()
     gin.clear_config()
     gin.add_config_file_search_path(CONFIG_ROOT)
     gin.add_config_file_search_path(os.path.dirname(CONFIG_ROOT))
@@ -96,7 +88,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
 
 def build_pipeline() -> PipelineConfig:
     """The `PipelineConfig` bound to `nj.pipeline.config` (every stage built, nothing run)."""
-    config = configurables()["pipeline"]()
+    config = _register()()
     if not isinstance(config, PipelineConfig):
         raise ValueError(f"nj.pipeline.config must be a PipelineConfig, got {type(config).__name__}")
     return config

@@ -26,7 +26,7 @@ import socket
 import stat
 import sys
 import tempfile
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -184,3 +184,22 @@ def atomic_directory(directory: str, *, overwrite: bool = False) -> Iterator[str
         _remove(previous)
         return
     _fsync_path(parent, directory=True)
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str = "w") -> None:
+    """Writes a file atomically: `write(stream)` into a temporary file in the same directory, fsync, then
+    os.replace, so readers see the old file or the whole new one, never a half-written one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

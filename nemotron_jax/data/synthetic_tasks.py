@@ -30,9 +30,10 @@ import math
 import os
 import random
 import string
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from nemotron_jax.checkpoint.atomic import atomic_write_file
 
 DOMAINS: tuple[str, ...] = ("math", "instruction_following", "code")
 
@@ -534,26 +535,9 @@ def tokenizer_corpus(seed: int | str, count_per_domain: int, *, math_max_operand
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
     """Writes one JSON object per line, atomically (a temporary file in the same directory, then os.replace)."""
-    _atomic_write(path, lambda handle: handle.writelines(
+    atomic_write_file(path, lambda handle: handle.writelines(
         json.dumps(record, ensure_ascii=False) + "\n" for record in records
     ), mode="w")
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, mode: str) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 WORKSPACE_MARKER = "WORKSPACE.json"
@@ -675,6 +659,6 @@ def prepare_demo_workspace(
         tokenizer_corpus(f"{seed}/sft", sft_examples_per_domain, math_max_operand=math_max_operand),
         tokenizer_vocab_size,
     )
-    _atomic_write(paths["tokenizer"], lambda handle: handle.write(tokenizer.model_bytes), mode="wb")
-    _atomic_write(marker, lambda handle: json.dump(settings, handle, indent=2, sort_keys=True), mode="w")
+    atomic_write_file(paths["tokenizer"], lambda handle: handle.write(tokenizer.model_bytes), mode="wb")
+    atomic_write_file(marker, lambda handle: json.dump(settings, handle, indent=2, sort_keys=True), mode="w")
     return paths

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from nemotron_jax.checkpoint import CheckpointError, load_hf, restore_params, save_params
-from nemotron_jax.checkpoint.atomic import atomic_directory
+from nemotron_jax.checkpoint.atomic import atomic_write_file
 from nemotron_jax.data import (
     HFTokenizer,
     RLDataConfig,
@@ -154,12 +154,7 @@ def load_tokenizer(path: str) -> Any:
 
 
 def _atomic_json(path: str, value: Any) -> None:
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    atomic_write_file(path, lambda f: json.dump(value, f, indent=2))
 
 
 class CascadePipeline:
@@ -386,9 +381,8 @@ class CascadePipeline:
         return markdown_table(["stage", "algorithm", "steps", "seconds", *columns], rows)
 
     def _write_eval_table(self, state: dict[str, Any]) -> None:
-        with open(os.path.join(self.run_dir, "eval_table.md.partial"), "w") as f:
-            f.write(self.eval_table(state) + "\n")
-        os.replace(os.path.join(self.run_dir, "eval_table.md.partial"), os.path.join(self.run_dir, "eval_table.md"))
+        table = self.eval_table(state) + "\n"
+        atomic_write_file(os.path.join(self.run_dir, "eval_table.md"), lambda f: f.write(table))
         _atomic_json(os.path.join(self.run_dir, "eval_table.json"),
                      {"evals": state["evals"], "best": state["best"], "spread": state["spread"]})
 
@@ -429,8 +423,7 @@ class CascadePipeline:
             scorer.close()
         self._write_eval_table(state)
         summaries = self.summary_table(state)
-        with open(os.path.join(self.run_dir, "stage_summary.md"), "w") as f:
-            f.write(summaries + "\n")
+        atomic_write_file(os.path.join(self.run_dir, "stage_summary.md"), lambda f: f.write(summaries + "\n"))
         self.log("\nper-stage training summary (mean over the first -> last tenth of each stage's steps):\n" + summaries)
         self.log("\nheld-out eval after each stage:\n" + self.eval_table(state))
         return state

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nemotron_jax.checkpoint.atomic import atomic_write_file
+
 BAR_KEYS = ("reward", "loss", "kl_estimate", "nll")
 
 
@@ -40,9 +42,7 @@ def _resume_log(path: str, stage: str, start_step: int) -> list[dict[str, float]
                 history.append({k: v for k, v in record.items() if k not in ("stage", "step", "time")})
             kept.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        with open(path + ".partial", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".partial", path)
+        atomic_write_file(path, lambda f: f.writelines(kept))
     return history
 
 

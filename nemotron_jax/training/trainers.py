@@ -231,8 +231,9 @@ class StageTrainer:
                     metrics = jax.device_get(metrics)
                     # The loss is that of the params before this step's update: a non-finite gradient or
                     # update (finite loss) would otherwise save non-finite params as a "good" checkpoint.
-                    bad = {name: float(np.asarray(metrics[name])) for name in ("loss", "grad_norm", "update_norm")
-                           if name in metrics and not math.isfinite(float(np.asarray(metrics[name])))}
+                    checked = {name: float(np.asarray(metrics[name])) for name in ("loss", "grad_norm", "update_norm")
+                               if name in metrics}
+                    bad = {name: value for name, value in checked.items() if not math.isfinite(value)}
                     if bad:
                         checkpoints.wait()
                         where = (f"the last good checkpoint is step {last_good} in {checkpoints.directory}"
