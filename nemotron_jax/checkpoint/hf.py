@@ -11,6 +11,11 @@ Linear weights are stored `[out, in]` there and `[in, out]` (Flax `kernel`) here
 once, so host memory peaks at about one parameter array (a stacked expert tensor being filled) beyond the
 result. Every tensor must be consumed exactly once and have the expected shape, or `CheckpointError`
 names it.
+
+HF names are per layer. With `ModelConfig.scan_layers` the params are stacked per scanned segment
+(`model.layer_stack`): `tensor_mappings` still lists per-layer paths (`layers_{i}/...`), `load_hf` stacks the
+rows of a segment's parameter on the device as soon as all of them are read, and `save_hf` slices one row at
+a time, so the conversion happens at this boundary and costs at most one stacked parameter of extra memory.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from nemotron_jax.checkpoint.safetensors_io import (
     write_shard,
 )
 from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
+from nemotron_jax.model.layer_stack import layer_location, model_plan
 from nemotron_jax.model.params import abstract_params
 
 ParamPath = tuple[str, ...]
@@ -85,6 +91,8 @@ def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts
                     embedding_name: str = "embeddings") -> list[TensorMapping]:
     """All parameters of `cfg` with their HF names and conversions, in HF storage order.
 
+    Paths are per layer (`layers_{i}/...`) whatever `cfg.scan_layers` (see the module docstring).
+
     Args:
       scheme: "backbone" or "model" (the prefix).
       fused_experts: 3-D expert tensors (default for "model") or one tensor per expert ("backbone").
@@ -94,7 +102,7 @@ def tensor_mappings(cfg: ModelConfig, scheme: str = "backbone", *, fused_experts
         raise ValueError(f"unknown naming scheme {scheme!r}; one of {SCHEMES}")
     if fused_experts is None:
         fused_experts = scheme == "model"
-    shapes = traverse_util.flatten_dict(abstract_params(cfg))
+    shapes = traverse_util.flatten_dict(abstract_params(dataclasses.replace(cfg, scan_layers=False)))
     prefix = scheme + "."
     mappings: list[TensorMapping] = []
 
@@ -204,6 +212,87 @@ def sharding_lookup(shardings: ShardingSpec) -> Callable[[ParamPath, tuple[int, 
     return lambda path, shape: flat[path]
 
 
+def _row_sharding(sharding: Any) -> Any:
+    """The sharding of one row of a stacked parameter placed with `sharding` (None: default placement)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    return None
+
+
+def _stack_rows(rows: list[jax.Array], sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.numpy.stack(rows)
+    return jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=sharding)(*rows)
+
+
+class _Placer:
+    """Puts loaded per-layer parameters into the layout of `cfg`: unrolled ones straight onto their device(s);
+    rows of a scanned segment's parameter are placed as they arrive and stacked once all are there (freeing
+    the rows), so device memory exceeds the result by at most the rows of unfinished parameters."""
+
+    def __init__(self, cfg: ModelConfig, sharding_of: Callable[[ParamPath, tuple[int, ...]], Any]):
+        self.cfg = cfg
+        self.sharding_of = sharding_of
+        self.repeats = {segment.name: segment.repeats for segment in model_plan(cfg)}
+        self.rows: dict[ParamPath, dict[int, jax.Array]] = {}
+        self.params: dict[ParamPath, jax.Array] = {}
+
+    def put(self, path: ParamPath, value: np.ndarray) -> None:
+        row = None
+        if self.cfg.scan_layers and path[0].startswith("layers_"):
+            prefix, row = layer_location(self.cfg, int(path[0].split("_")[1]))
+            path = prefix + path[1:]
+        if row is None:
+            self.params[path] = jax.device_put(value, self.sharding_of(path, value.shape))
+            return
+        repeats = self.repeats[path[0]]
+        sharding = self.sharding_of(path, (repeats, *value.shape))
+        rows = self.rows.setdefault(path, {})
+        rows[row] = jax.device_put(value, _row_sharding(sharding))
+        if len(rows) == repeats:
+            del self.rows[path]
+            self.params[path] = _stack_rows([rows.pop(r) for r in range(repeats)], sharding)
+
+
+class _Row:
+    """Row `row` of a stacked parameter, sliced only when read (`_host`)."""
+
+    def __init__(self, array: Any, row: int):
+        self.array, self.row = array, row
+        self.shape, self.dtype = tuple(array.shape[1:]), array.dtype
+
+
+def _per_layer_flat(cfg: ModelConfig, params: Any) -> dict[ParamPath, Any]:
+    """Flat params with per-layer paths; rows of stacked parameters as lazy `_Row`s."""
+    flat = traverse_util.flatten_dict(params)
+    if not cfg.scan_layers:
+        return flat
+    segments = {segment.name: segment for segment in model_plan(cfg)}
+    out: dict[ParamPath, Any] = {}
+    for path, value in flat.items():
+        segment = segments.get(path[0])
+        if segment is None or not segment.scanned:
+            out[path] = value
+            continue
+        position = int(path[1].split("_")[1]) if len(path) > 1 and path[1].startswith("block_") else -1
+        if not 0 <= position < len(segment.unit) or value.shape[:1] != (segment.repeats,):
+            out[path] = value  # reported as an unexpected entry or shape by the caller
+            continue
+        for repeat in range(segment.repeats):
+            out[(f"layers_{segment.layer_index(repeat, position)}",) + path[2:]] = _Row(value, repeat)
+    return out
+
+
+def _host(value: Any, index: tuple[int, ...] = ()) -> np.ndarray:
+    """`value[index]` (a `_Row` sliced here) as a host array."""
+    if isinstance(value, _Row):
+        value, index = value.array, (value.row, *index)
+    return np.asarray(jax.device_get(value[index] if index else value))
+
+
 def load_hf(
     directory: str,
     *,
@@ -267,7 +356,7 @@ def load_hf(
 
     sharding_of = sharding_lookup(shardings)
     filling: dict[ParamPath, tuple[np.ndarray, set[int]]] = {}
-    params: dict[ParamPath, jax.Array] = {}
+    placer = _Placer(cfg, sharding_of)
     done = 0
     seen_names: set[str] = set()
     for info, array in iterate_tensors(files, skip=ignored):
@@ -297,26 +386,28 @@ def load_hf(
             if len(seen) < len(mapping.hf_names):
                 continue
             value = filling.pop(mapping.path)[0]
-        params[mapping.path] = jax.device_put(value, sharding_of(mapping.path, target.shape))
+        placer.put(mapping.path, value)
         del value
         if progress is not None:
             progress(done, len(stored))
     if seen_names != set(stored):
         raise CheckpointError(f"{directory}: tensors {sorted(set(stored) - seen_names)[:10]} vanished while the "
                               "checkpoint was loaded")
-    return cfg, traverse_util.unflatten_dict(params)
+    assert not placer.rows, f"stacked parameters left incomplete: {sorted(placer.rows)}"
+    return cfg, traverse_util.unflatten_dict(placer.params)
 
 
-def hf_tensors(params: Any, mappings: list[TensorMapping]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF name, host array) one tensor at a time."""
-    flat = traverse_util.flatten_dict(params)
+def hf_tensors(params: Any, mappings: list[TensorMapping], cfg: ModelConfig | None = None
+               ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, host array) one tensor at a time; `params` in the layout of `cfg` (per layer if None)."""
+    flat = _per_layer_flat(cfg, params) if cfg is not None else traverse_util.flatten_dict(params)
     for mapping in mappings:
         value = flat[mapping.path]
         if mapping.stacked:
             for expert, name in enumerate(mapping.hf_names):
-                yield name, np.ascontiguousarray(mapping.to_hf(np.asarray(jax.device_get(value[expert]))))
+                yield name, np.ascontiguousarray(mapping.to_hf(_host(value, (expert,))))
         else:
-            yield mapping.hf_names[0], np.ascontiguousarray(mapping.to_hf(np.asarray(jax.device_get(value))))
+            yield mapping.hf_names[0], np.ascontiguousarray(mapping.to_hf(_host(value)))
 
 
 def save_hf(
@@ -334,9 +425,10 @@ def save_hf(
     Files go to a temporary sibling directory that is renamed to `directory` only when complete, so a crash
     never leaves a half-written checkpoint. Shards hold at most `max_shard_bytes` each (with
     `model.safetensors.index.json` when there is more than one). `scheme` "backbone" (default, the released
-    format with one tensor per expert) or "model" (fused expert tensors).
+    format with one tensor per expert) or "model" (fused expert tensors). `params` in the layout of `cfg`
+    (stacked with `cfg.scan_layers`); the checkpoint has per-layer names either way.
     """
-    flat = traverse_util.flatten_dict(params)
+    flat = _per_layer_flat(cfg, params)
     mappings = tensor_mappings(cfg, scheme)
     for mapping in mappings:
         if mapping.path not in flat:
@@ -359,7 +451,7 @@ def save_hf(
                   [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
 
     with atomic_directory(directory, overwrite=overwrite) as staging:
-        tensors = hf_tensors(params, mappings)
+        tensors = hf_tensors(params, mappings, cfg)
         weight_map = {}
         done = 0
         for shard_names, file_name in zip(shards, file_names):

@@ -44,6 +44,7 @@ import numpy as np
 
 from nemotron_jax.generation.sampling import check_sampling_args, sample_tokens
 from nemotron_jax.model.config import ModelConfig
+from nemotron_jax.model.layer_stack import map_layers, unstack_layers
 from nemotron_jax.model.nemotron_h import NemotronH, init_cache
 
 # Prompt lengths are padded up to a multiple of this, so that batches of slightly different prompt lengths
@@ -153,9 +154,10 @@ def _repeat_samples(tree: Any, n: int) -> Any:
     return tree if n == 1 else jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def _collect_routing(state: dict[str, Any], names: list[str], dtype) -> jax.Array:
+def _collect_routing(cfg: ModelConfig, state: dict[str, Any], names: list[str], dtype) -> jax.Array:
     """Sown MoE expert ids -> [num_moe_layers, B*T, k]."""
-    return jnp.stack([state["intermediates"][name]["mixer"]["expert_ids"][0] for name in names]).astype(dtype)
+    recorded = unstack_layers(cfg, state["intermediates"])  # per-layer names with scan_layers too
+    return jnp.stack([recorded[name]["mixer"]["expert_ids"][0] for name in names]).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "n", "return_routing"))
@@ -181,13 +183,13 @@ def _rollout_jit(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: 
             return model.apply(variables, tokens, cache, segment_ids, method=NemotronH.forward_cached), None
         out, state = model.apply(variables, tokens, cache, segment_ids, method=NemotronH.forward_cached,
                                  mutable=mutable)
-        return out, _collect_routing(state, names, routing_dtype)
+        return out, _collect_routing(cfg, state, names, routing_dtype)
 
     cache = init_cache(cfg, batch, prompt_length + max_new_tokens)
     (logits, cache), prompt_routing = forward(tokens, cache, segment_ids)
     # n samples per prompt share this prefill: repeat its caches and last logits along the batch.
     cache = {"index": cache["index"], "run_ids": _repeat_samples(cache["run_ids"], n),
-             "layers": _repeat_samples(cache["layers"], n)}
+             "layers": map_layers(cfg, lambda leaf: _repeat_samples(leaf, n), cache["layers"])}
     last_logits = _repeat_samples(logits[:, -1], n)
 
     keys = jax.random.split(key, max_new_tokens)

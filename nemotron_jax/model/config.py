@@ -40,6 +40,42 @@ _LEGACY_HF_KEYS = {
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Rematerialisation policies a layer kind can use (`ModelConfig.remat_policy`): "none" keeps every activation
+# for the backward pass (no remat); the others name `jax.checkpoint_policies` (what the backward may keep
+# instead of recomputing).
+REMAT_POLICIES = ("none", "nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
+
+
+def parse_remat_policy(spec: str) -> dict[str, str]:
+    """`ModelConfig.remat_policy` -> {layer kind: policy} for the four kinds of `LAYER_KINDS`.
+
+    `spec` is one policy for every kind ("nothing_saveable") or comma-separated `kind=policy` entries
+    ("mamba=nothing_saveable,moe=dots_saveable"; kinds not named get "none"). Raises ValueError naming the
+    bad entry.
+    """
+    kinds = tuple(LAYER_KINDS.values())
+    if not isinstance(spec, str):
+        raise ValueError(f"expected a string, got {spec!r}")
+    spec = spec.strip()
+    if "=" not in spec:
+        if spec not in REMAT_POLICIES:
+            raise ValueError(f"unknown policy {spec!r}; one of {REMAT_POLICIES} (or kind=policy entries)")
+        return {kind: spec for kind in kinds}
+    policies = {kind: "none" for kind in kinds}
+    seen = set()
+    for entry in spec.split(","):
+        kind, _, policy = (part.strip() for part in entry.partition("="))
+        if kind not in kinds:
+            raise ValueError(f"entry {entry.strip()!r}: unknown layer kind {kind!r}; one of {kinds}")
+        if kind in seen:
+            raise ValueError(f"entry {entry.strip()!r}: layer kind {kind!r} given twice")
+        if policy not in REMAT_POLICIES:
+            raise ValueError(f"entry {entry.strip()!r}: unknown policy {policy!r}; one of {REMAT_POLICIES}")
+        seen.add(kind)
+        policies[kind] = policy
+    return policies
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -111,6 +147,12 @@ class ModelConfig:
     # "ragged_dot" (`jax.lax.ragged_dot`; native on GPU/TPU, a masked dense loop on CPU).
     moe_backend: str = "scan"
     moe_tile_rows: int = 128
+    # Layer loop: `scan_layers` runs each periodic stretch of the layer pattern as one `lax.scan` over stacked
+    # parameters (compile time independent of depth; see `layer_stack.layer_plan`), else every layer is
+    # unrolled. `remat_policy`: a policy of `REMAT_POLICIES` for all layers, or per kind
+    # ("mamba=nothing_saveable,moe=dots_saveable"; unnamed kinds "none"), see `parse_remat_policy`.
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -184,6 +226,12 @@ class ModelConfig:
             fail("moe_tile_rows", f"must be positive, got {self.moe_tile_rows}")
         if self.layer_norm_epsilon <= 0:
             fail("layer_norm_epsilon", f"must be positive, got {self.layer_norm_epsilon}")
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", f"must be a bool, got {self.scan_layers!r}")
+        try:
+            parse_remat_policy(self.remat_policy)
+        except ValueError as error:
+            fail("remat_policy", str(error))
 
     # ----------------------------------------------------------------------------------- derived sizes
     @property
@@ -206,6 +254,11 @@ class ModelConfig:
     def moe_expert_dim(self) -> int:
         """Input/output width of the routed experts: the latent size if set, else hidden_size."""
         return self.moe_latent_size or self.hidden_size
+
+    @property
+    def remat_policies(self) -> dict[str, str]:
+        """{layer kind: remat policy name} parsed from `remat_policy`."""
+        return parse_remat_policy(self.remat_policy)
 
     @property
     def param_jnp_dtype(self) -> Any:
@@ -292,7 +345,8 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `NemotronHForCausalLM` loads."""
-        skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows"}
+        skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows", "scan_layers",
+                "remat_policy"}
         hf: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }

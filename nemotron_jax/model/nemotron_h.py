@@ -7,6 +7,11 @@ Parameter tree (names mirror the Hugging Face checkpoint, see `checkpoint/hf.py`
     embeddings/embedding [V, D]       norm_f/weight [D]         lm_head/kernel [D, V]
     layers_{i}/norm/weight [D]
     layers_{i}/mixer/...              Mamba2Mixer | Attention | MoE | MLP
+
+With `config.scan_layers` the periodic stretches of the layer pattern run as `nn.scan`s over stacked
+parameters, `scan_{a}_{b}/block_{j}/...` with a leading [repeats] axis (see `layer_stack`, which also converts
+to and from the per-layer tree). `config.remat_policy` wraps each block of a kind in `nn.remat` with that
+kind's policy, scanned or not.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 
 from nemotron_jax.model.attention import Attention, init_attention_cache
 from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
+from nemotron_jax.model.layer_stack import Segment, block_name, model_plan, remat_policy_function, stack_layers
 from nemotron_jax.model.mamba2 import Mamba2Mixer, init_mamba_cache
 from nemotron_jax.model.mlp import MLP
 from nemotron_jax.model.moe import MoE
@@ -58,6 +64,75 @@ class Block(nn.Module):
         return hidden + out.astype(hidden.dtype), new_cache
 
 
+def _block_class(cfg: ModelConfig, kind: str, in_scan: bool) -> type[nn.Module]:
+    """`Block`, or `Block` under `nn.remat` with the kind's policy (CSE is left on inside a scan, whose loop
+    already keeps XLA from merging the recomputation into the forward, as jax.checkpoint recommends)."""
+    policy = cfg.remat_policies[kind]
+    if policy == "none":
+        return Block
+    return nn.remat(Block, policy=remat_policy_function(policy), prevent_cse=not in_scan)
+
+
+class ScanUnit(nn.Module):
+    """One repeat of a scanned segment: the layers of `unit` in order, as `block_{j}` (the `nn.scan` body).
+
+    carry hidden [B, T, D]; broadcast run_ids [B, T] and cache_meta; scanned (one row per repeat) `caches`
+    {block_j: cache of that layer} or None, `expert_ids` {block_j: int32 [B*T, k]} or None.
+    Returns (hidden, {block_j: new cache} or None when `caches` is None).
+    """
+
+    config: ModelConfig
+    unit: str
+
+    def setup(self) -> None:
+        blocks = {}
+        for position, char in enumerate(self.unit):
+            kind = LAYER_KINDS[char]
+            blocks[str(position)] = _block_class(self.config, kind, True)(self.config, kind)
+        self.block = blocks  # submodules block_{j}
+
+    def __call__(self, hidden, run_ids, cache_meta, caches, expert_ids):
+        new_caches = {}
+        for position in range(len(self.unit)):
+            name = block_name(position)
+            cache = None if caches is None else caches.get(name)
+            replay = None if expert_ids is None else expert_ids.get(name)
+            hidden, layer_cache = self.block[str(position)](hidden, run_ids, cache, cache_meta, replay)
+            if caches is not None and layer_cache is not None and cache is not None:
+                new_caches[name] = layer_cache
+        return hidden, (new_caches if caches is not None else None)
+
+
+def _scanned_unit(segment: Segment) -> type[nn.Module]:
+    return nn.scan(
+        ScanUnit,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0),
+        length=segment.repeats,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+def _segment_replay(segment: Segment, expert_ids: dict[str, jax.Array] | None) -> dict[str, jax.Array] | None:
+    """Per-layer replay routing {"layers_{i}": [N, k]} -> {block_j: [repeats, N, k]} for a scanned segment."""
+    if expert_ids is None:
+        return None
+    blocks = {}
+    for position, char in enumerate(segment.unit):
+        if LAYER_KINDS[char] != "moe":
+            continue
+        names = [f"layers_{segment.layer_index(r, position)}" for r in range(segment.repeats)]
+        present = [name for name in names if name in expert_ids]
+        if not present:
+            continue
+        if len(present) != len(names):
+            raise ValueError(f"expert_ids: layers {names} run in one scan (scan_layers=True), so replay routing "
+                             f"for all or none of them; missing {sorted(set(names) - set(present))}")
+        blocks[block_name(position)] = jnp.stack([expert_ids[name] for name in names])
+    return blocks or None
+
+
 class NemotronH(nn.Module):
     """The `nemotron_h` causal LM.
 
@@ -75,7 +150,16 @@ class NemotronH(nn.Module):
         self.embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_jnp_dtype,
                                    param_dtype=cfg.param_jnp_dtype,
                                    embedding_init=nn.initializers.normal(cfg.initializer_range))
-        self.layers = [Block(cfg, LAYER_KINDS[c]) for c in cfg.layer_pattern]
+        self.plan = model_plan(cfg)
+        layers, scans = {}, {}
+        for segment in self.plan:
+            if segment.scanned:
+                scans[f"{segment.start}_{segment.stop}"] = _scanned_unit(segment)(cfg, segment.unit)
+            else:
+                kind = LAYER_KINDS[segment.unit]
+                layers[str(segment.start)] = _block_class(cfg, kind, False)(cfg, kind)
+        self.layers = layers  # submodules layers_{i}: the unrolled layers
+        self.scan = scans  # submodules scan_{a}_{b}: the scanned segments
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, cfg.param_jnp_dtype)
         self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_jnp_dtype,
                                 param_dtype=cfg.param_jnp_dtype,
@@ -96,10 +180,35 @@ class NemotronH(nn.Module):
             raise ValueError(f"positions has shape {positions.shape}, expected {tokens.shape} like the tokens")
         run_ids = contiguous_run_ids(segment_ids, tokens.shape)
         hidden = self.embeddings(tokens)
-        for index, layer in enumerate(self.layers):
-            replay = None if expert_ids is None else expert_ids.get(f"layers_{index}")
-            hidden, _ = layer(hidden, run_ids, expert_ids=replay)
+        if expert_ids is not None:
+            unknown = sorted(set(expert_ids) - {f"layers_{i}" for i, c in enumerate(self.config.layer_pattern)
+                                                if LAYER_KINDS[c] == "moe"})
+            if unknown:
+                raise ValueError(f"expert_ids: keys {unknown} are not MoE layers of the pattern")
+        hidden, _ = self._run_layers(hidden, run_ids, None, None, expert_ids)
         return self.norm_f(hidden)
+
+    def _run_layers(self, hidden, run_ids, caches, cache_meta, expert_ids):
+        """Runs every layer of the plan; `caches` (the `init_cache` "layers" tree) or None.
+        -> (hidden, new caches in the same layout, or None)."""
+        new_caches = {}
+        for segment in self.plan:
+            name = segment.name
+            cache = None if caches is None else caches.get(name)
+            if segment.scanned:
+                module = self.scan[f"{segment.start}_{segment.stop}"]
+                if caches is not None and cache is None:
+                    cache = {}  # a segment without cached layers (e.g. MLP/MoE only) still gets a cache tree
+                hidden, segment_cache = module(hidden, run_ids, cache_meta, cache,
+                                               _segment_replay(segment, expert_ids))
+                if segment_cache:
+                    new_caches[name] = segment_cache
+            else:
+                replay = None if expert_ids is None else expert_ids.get(name)
+                hidden, layer_cache = self.layers[str(segment.start)](hidden, run_ids, cache, cache_meta, replay)
+                if cache is not None and layer_cache is not None:
+                    new_caches[name] = layer_cache
+        return hidden, (new_caches if caches is not None else None)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V]."""
@@ -122,18 +231,16 @@ class NemotronH(nn.Module):
         all_run_ids = jax.lax.dynamic_update_slice_in_dim(cache["run_ids"], run_ids, index, axis=1)
         cache_meta = {"index": index, "run_ids": all_run_ids}
         hidden = self.embeddings(tokens)
-        new_layers = {}
-        for i, layer in enumerate(self.layers):
-            name = f"layers_{i}"
-            hidden, layer_cache = layer(hidden, run_ids, cache["layers"].get(name), cache_meta)
-            if layer_cache is not None:
-                new_layers[name] = layer_cache
+        hidden, new_layers = self._run_layers(hidden, run_ids, cache["layers"], cache_meta, None)
         logits = self.logits_from_hidden(self.norm_f(hidden))
         return logits, {"index": index + length, "run_ids": all_run_ids, "layers": new_layers}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
-    """An empty decode cache for `max_length` positions: Mamba conv/SSM states and attention KV."""
+    """An empty decode cache for `max_length` positions: Mamba conv/SSM states and attention KV.
+
+    "layers" is in the layout of `cfg` (`layer_stack`): per layer "layers_{i}", or with `scan_layers` stacked
+    per scanned segment (leaves [repeats, B, ...]; use `layer_stack.map_layers` for per-row edits)."""
     layers: dict[str, Any] = {}
     for i, char in enumerate(cfg.layer_pattern):
         kind = LAYER_KINDS[char]
@@ -142,4 +249,4 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
         elif kind == "attention":
             layers[f"layers_{i}"] = init_attention_cache(cfg, batch, max_length)
     return {"index": jnp.zeros((), jnp.int32), "run_ids": jnp.full((batch, max_length), -1, jnp.int32),
-            "layers": layers}
+            "layers": stack_layers(cfg, layers)}

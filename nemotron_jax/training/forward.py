@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from nemotron_jax.losses import token_logprobs_and_entropy
 from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
+from nemotron_jax.model.layer_stack import unstack_layers
 from nemotron_jax.model.nemotron_h import NemotronH
 
 
@@ -39,7 +40,7 @@ def policy_forward(cfg: ModelConfig, params: Any, tokens: jax.Array, targets: ja
     hidden, state = NemotronH(cfg).apply({"params": params}, tokens, segment_ids, None, expert_ids,
                                          method=NemotronH.hidden_states, mutable=["intermediates"])
     logprobs, entropy = token_logprobs_and_entropy(hidden, params["lm_head"]["kernel"], targets)
-    recorded = state.get("intermediates", {})
+    recorded = unstack_layers(cfg, state.get("intermediates", {}))  # per-layer names with scan_layers too
     names = moe_layer_names(cfg)
     return ForwardOutput(
         logprobs=logprobs,
