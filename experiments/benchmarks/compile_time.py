@@ -25,6 +25,7 @@ flags.DEFINE_string("out", None, "Where to write the JSON report.", required=Tru
 flags.DEFINE_string("preset", "nano_30b_a3b", "ModelConfig preset.")
 flags.DEFINE_integer("tokens", 8192, "Tokens per step (one row of T tokens).")
 flags.DEFINE_string("remat_policy", "none", "ModelConfig.remat_policy for both modes.")
+flags.DEFINE_string("layer_pattern", None, "Override the preset's layer pattern (e.g. to cost single layers).")
 flags.DEFINE_list("modes", ["scan", "unrolled"], "Modes to measure.")
 flags.DEFINE_string("child_mode", None, "Internal: measure this one mode in this process and print JSON.")
 
@@ -40,7 +41,9 @@ def measure(mode: str) -> dict:
     from nemotron_jax.model.params import abstract_params
     from nemotron_jax.training.forward import policy_forward
 
-    cfg = ModelConfig.preset(FLAGS.preset, scan_layers=mode == "scan", remat_policy=FLAGS.remat_policy)
+    overrides = {"layer_pattern": FLAGS.layer_pattern} if FLAGS.layer_pattern else {}
+    cfg = ModelConfig.preset(FLAGS.preset, scan_layers=mode == "scan", remat_policy=FLAGS.remat_policy,
+                             **overrides)
     params = abstract_params(cfg)
     rows = jax.ShapeDtypeStruct((1, FLAGS.tokens), jnp.int32)
 
@@ -73,11 +76,12 @@ def main(argv):
     if FLAGS.child_mode:
         print("RESULT " + json.dumps(measure(FLAGS.child_mode)), flush=True)
         return
-    results = {"preset": FLAGS.preset, "tokens": FLAGS.tokens, "remat_policy": FLAGS.remat_policy, "modes": {}}
+    results = {"preset": FLAGS.preset, "tokens": FLAGS.tokens, "remat_policy": FLAGS.remat_policy,
+               "layer_pattern": FLAGS.layer_pattern, "modes": {}}
     for mode in FLAGS.modes:
         command = [sys.executable, "-m", "experiments.benchmarks.compile_time", f"--out={FLAGS.out}",
                    f"--preset={FLAGS.preset}", f"--tokens={FLAGS.tokens}", f"--remat_policy={FLAGS.remat_policy}",
-                   f"--child_mode={mode}"]
+                   f"--child_mode={mode}"] + ([f"--layer_pattern={FLAGS.layer_pattern}"] if FLAGS.layer_pattern else [])
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
