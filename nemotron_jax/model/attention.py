@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from nemotron_jax.model.config import ModelConfig
-from nemotron_jax.parallel import context
 
 
 def attention_weights_and_values(
@@ -74,6 +73,8 @@ class Attention(nn.Module):
         query = query.reshape(batch, length, kv_heads, repeats, head_dim)
         key = key.reshape(batch, length, kv_heads, head_dim)
         value = value.reshape(batch, length, kv_heads, head_dim)
+
+        from nemotron_jax.parallel import context  # late: the parallel package imports the model
 
         if cache is None and (axis := context.active_axis()) is not None:
             attend = functools.partial(masked_attention, compute_dtype=cfg.compute_jnp_dtype)

@@ -22,7 +22,6 @@ from jax import lax
 
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.norms import GatedGroupRMSNorm
-from nemotron_jax.parallel import context
 
 
 # --------------------------------------------------------------------------------------------- conv
@@ -255,6 +254,8 @@ class Mamba2Mixer(nn.Module):
         gate, xbc, dt = jnp.split(projected, [cfg.mamba_d_inner, cfg.mamba_d_inner + cfg.mamba_conv_dim], axis=-1)
 
         # Inside `parallel.context.context_parallel` the row is split over devices (no cache there).
+        from nemotron_jax.parallel import context  # late: the parallel package imports the model
+
         cp_axis = context.active_axis() if cache is None else None
         conv_prefix = None if cache is None else cache["conv"]
         if cp_axis is None:
