@@ -54,7 +54,7 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
     CPU: "blocks". GPU and TPU: "tokamax" (its Mosaic kernels; library code preferred over ours).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown grouped-matmul backend {backend!r}; one of {BACKENDS}")
+        raise ValueError(f"unknown backend {backend!r} (grouped matmul); one of {BACKENDS}")
     if backend != "auto":
         return backend
     platform = platform or jax.default_backend()
