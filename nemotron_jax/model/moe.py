@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nemotron_jax.kernels.grouped_matmul import gmm
+from nemotron_jax.kernels.grouped_matmul import aligned_group_sizes, aligned_num_rows, gmm, resolve_backend
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.activations import ACTIVATIONS, relu2
 from nemotron_jax.model.mlp import MLP
@@ -70,6 +70,101 @@ def route(
     return Routing(expert_ids.astype(jnp.int32), weights * routed_scaling_factor, logits)
 
 
+class ExpertLayout(NamedTuple):
+    """Where each (token, slot) copy sits in the expert-ordered row buffer that the grouped matmuls read.
+
+    Rows of one expert are contiguous and experts come in id order (a stable argsort of the expert ids, so
+    ties keep token order). With `align > 1` every expert's run starts at a multiple of `align` and is padded
+    with zero rows to one (the layout of the "blocks" backend); with `align == 1` the buffer is compact.
+    """
+
+    row_of_copy: jax.Array  # int32 [N * k]: buffer row of copy t * k + j
+    row_token: jax.Array  # int32 [R]: token each row reads; N for padding rows
+    row_weight_index: jax.Array  # int32 [R]: copy each row holds; N * k for padding rows
+    group_sizes: jax.Array  # int32 [E]: rows per expert in the buffer (multiples of `align`)
+
+
+def expert_layout(expert_ids: jax.Array, num_experts: int, *, align: int = 1) -> ExpertLayout:
+    """The sorted (and, for align > 1, block-aligned) layout of the copies of `expert_ids` [N, k].
+
+    R = N * k when align == 1, else `grouped_matmul.aligned_num_rows(N * k, E, align)` (a static bound).
+    """
+    num_tokens, top_k = expert_ids.shape
+    num_copies = num_tokens * top_k
+    flat_ids = expert_ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat_ids, stable=True)  # sorted position -> copy
+    counts = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    copy = jnp.arange(num_copies, dtype=jnp.int32)
+    position = jnp.zeros((num_copies,), jnp.int32).at[order].set(copy, unique_indices=True)  # copy -> position
+    if align == 1:
+        row_of_copy, num_rows, group_sizes = position, num_copies, counts
+        row_copy = order.astype(jnp.int32)
+    else:
+        group_sizes = aligned_group_sizes(counts, align)
+        starts = jnp.cumsum(counts) - counts
+        aligned_starts = jnp.cumsum(group_sizes) - group_sizes
+        row_of_copy = aligned_starts[flat_ids] + position - starts[flat_ids]
+        num_rows = aligned_num_rows(num_copies, num_experts, align)
+        row_copy = jnp.full((num_rows,), num_copies, jnp.int32).at[row_of_copy].set(copy, unique_indices=True)
+    return ExpertLayout(row_of_copy.astype(jnp.int32), (row_copy // top_k).astype(jnp.int32), row_copy, group_sizes)
+
+
+def _pad_one_row(x):
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+
+
+@jax.custom_vjp
+def gather_token_rows(hidden: jax.Array, row_token: jax.Array, row_of_copy: jax.Array) -> jax.Array:
+    """hidden [N, D] -> the expert-ordered buffer [R, D] (`hidden[row_token]`, zero rows for padding).
+
+    The gradient is a gather and a sum over each token's k copies, not a scatter-add (slow on CPU)."""
+    return _pad_one_row(hidden).at[row_token].get(mode="promise_in_bounds")
+
+
+def _gather_token_rows_fwd(hidden, row_token, row_of_copy):
+    return gather_token_rows(hidden, row_token, row_of_copy), (row_token, row_of_copy, hidden.shape[0])
+
+
+def _gather_token_rows_bwd(residuals, grad):
+    row_token, row_of_copy, num_tokens = residuals
+    copies = grad.at[row_of_copy].get(mode="promise_in_bounds")  # [N * k, D]
+    grad_hidden = copies.reshape(num_tokens, -1, grad.shape[1]).sum(axis=1, dtype=jnp.float32).astype(grad.dtype)
+    return grad_hidden, None, None
+
+
+gather_token_rows.defvjp(_gather_token_rows_fwd, _gather_token_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(rows: jax.Array, expert_weights: jax.Array, layout: ExpertLayout) -> jax.Array:
+    """out[t] = sum_j expert_weights[t, j] * rows[row_of_copy[t * k + j]]: [R, D], [N, k] -> float32 [N, D].
+
+    Both gradients are gathers (w.r.t. rows: `g_out[row_token] * weight`, zero on padding rows)."""
+    num_tokens, top_k = expert_weights.shape
+    copies = rows.at[layout.row_of_copy].get(mode="promise_in_bounds").reshape(num_tokens, top_k, -1)
+    return jnp.einsum("tkd,tk->td", copies.astype(jnp.float32), expert_weights.astype(jnp.float32))
+
+
+def _combine_rows_fwd(rows, expert_weights, layout):
+    return combine_rows(rows, expert_weights, layout), (rows, expert_weights, layout)
+
+
+def _combine_rows_bwd(residuals, grad):
+    rows, expert_weights, layout = residuals
+    grad_f32 = grad.astype(jnp.float32)
+    token_grad = _pad_one_row(grad_f32).at[layout.row_token].get(mode="promise_in_bounds")  # [R, D]
+    row_weight = _pad_one_row(expert_weights.reshape(-1).astype(jnp.float32)).at[layout.row_weight_index].get(
+        mode="promise_in_bounds")  # [R], zero on padding rows
+    grad_rows = (token_grad * row_weight[:, None]).astype(rows.dtype)
+    per_row = jnp.sum(rows.astype(jnp.float32) * token_grad, axis=1)  # [R]
+    grad_weights = per_row.at[layout.row_of_copy].get(mode="promise_in_bounds").reshape(expert_weights.shape)
+    zero_layout = jax.tree.map(lambda a: None, layout)
+    return grad_rows, grad_weights.astype(expert_weights.dtype), zero_layout
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+
+
 def dispatch_experts(
     hidden: jax.Array,
     expert_ids: jax.Array,
@@ -77,36 +172,36 @@ def dispatch_experts(
     up_proj: jax.Array,
     down_proj: jax.Array,
     *,
-    backend: str = "scan",
+    backend: str = "auto",
     tile_rows: int = 128,
     activation: Callable[[jax.Array], jax.Array] = relu2,
 ) -> jax.Array:
     """Dropless routed-expert computation: `sum_k w_k * down_e(act(up_e(x)))` with e = expert_ids[:, k].
 
-    Token copies are sorted by expert, each expert's contiguous block goes through a grouped matmul, and the
-    results are un-sorted and combined. Nothing of size [tokens, experts, hidden] is built.
+    Shared by every backend: the token copies are laid out by expert (`expert_layout`: stable argsort, block
+    aligned for "blocks"), gathered (`gather_token_rows`), put through two grouped matmuls of
+    `kernels.grouped_matmul.gmm` with the given backend, and gathered back and weighted (`combine_rows`).
+    Every step's gradient is a gather or a grouped matmul. Nothing of size [tokens, experts, ...] is built.
 
     Args:
       hidden: [N, D] in the compute dtype.
       expert_ids: int32 [N, k]; expert_weights: float32 [N, k].
       up_proj: [E, D, F]; down_proj: [E, F, D] (already in the compute dtype).
+      backend: a `kernels.grouped_matmul.BACKENDS` name; "auto" picks per platform ("blocks" on CPU).
+      tile_rows: row tile of the grouped matmul (the block size of "blocks").
 
     Returns:
       float32 [N, D].
     """
-    num_tokens, top_k = expert_ids.shape
+    backend = resolve_backend(backend)
     num_experts = up_proj.shape[0]
-    flat_ids = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)  # copy slot -> position in expert order
-    sorted_hidden = hidden[order // top_k]
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-    up = gmm(sorted_hidden, up_proj, group_sizes, backend=backend, tile_rows=tile_rows,
-             preferred_element_type=hidden.dtype)
-    out = gmm(activation(up), down_proj, group_sizes, backend=backend, tile_rows=tile_rows,
-              preferred_element_type=jnp.float32)
-    out = out * expert_weights.reshape(-1)[order][:, None]
-    unsorted = jnp.zeros_like(out).at[order].set(out)  # back to [token, k] slot order
-    return unsorted.reshape(num_tokens, top_k, -1).sum(axis=1)
+    align = tile_rows if backend == "blocks" else 1
+    layout = expert_layout(expert_ids, num_experts, align=align)
+    rows = gather_token_rows(hidden, layout.row_token, layout.row_of_copy)
+    kwargs = dict(backend=backend, tile_rows=tile_rows, groups_aligned=align > 1)
+    up = gmm(rows, up_proj, layout.group_sizes, preferred_element_type=hidden.dtype, **kwargs)
+    out = gmm(activation(up), down_proj, layout.group_sizes, preferred_element_type=jnp.float32, **kwargs)
+    return combine_rows(out, expert_weights, layout)
 
 
 class MoE(nn.Module):
