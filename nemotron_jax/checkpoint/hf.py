@@ -204,6 +204,15 @@ def sharding_lookup(shardings: ShardingSpec) -> Callable[[ParamPath, tuple[int, 
     return lambda path, shape: flat[path]
 
 
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    """A host array into `sharding` (None: the default device), each device receiving only its own shard. With
+    several processes each one slices its addressable shards out of its host copy (`jax.device_put` would
+    first check, by a cross-process all-gather of the whole tensor, that every process holds the same value)."""
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def load_hf(
     directory: str,
     *,
@@ -297,7 +306,7 @@ def load_hf(
             if len(seen) < len(mapping.hf_names):
                 continue
             value = filling.pop(mapping.path)[0]
-        params[mapping.path] = jax.device_put(value, sharding_of(mapping.path, target.shape))
+        params[mapping.path] = _place(value, sharding_of(mapping.path, target.shape))
         del value
         if progress is not None:
             progress(done, len(stored))

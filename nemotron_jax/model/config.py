@@ -111,6 +111,10 @@ class ModelConfig:
     # "ragged_dot" (`jax.lax.ragged_dot`; native on GPU/TPU, a masked dense loop on CPU).
     moe_backend: str = "scan"
     moe_tile_rows: int = 128
+    # Expert parallelism (a mesh with an `expert` axis, see nemotron_jax/parallel): how token copies travel to
+    # their expert's device: "auto" (ragged_all_to_all on TPU/GPU, all_to_all elsewhere), "ragged_all_to_all",
+    # or "all_to_all" (dense, capacity-padded to the worst case: dropless, runs on XLA:CPU).
+    moe_ep_transport: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,6 +184,9 @@ class ModelConfig:
                 fail(field, f"unknown dtype {getattr(self, field)!r}; one of {sorted(_DTYPES)}")
         if self.moe_backend not in ("scan", "ragged_dot"):
             fail("moe_backend", f"unknown backend {self.moe_backend!r}; one of 'scan', 'ragged_dot'")
+        if self.moe_ep_transport not in ("auto", "ragged_all_to_all", "all_to_all"):
+            fail("moe_ep_transport", f"unknown transport {self.moe_ep_transport!r}; one of 'auto', "
+                                     "'ragged_all_to_all', 'all_to_all'")
         if self.moe_tile_rows <= 0:
             fail("moe_tile_rows", f"must be positive, got {self.moe_tile_rows}")
         if self.layer_norm_epsilon <= 0:
@@ -292,7 +299,8 @@ class ModelConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `NemotronHForCausalLM` loads."""
-        skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows"}
+        skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows",
+                "moe_ep_transport"}
         hf: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }
