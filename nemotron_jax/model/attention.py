@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,19 @@ def attention_weights_and_values(
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
     return jnp.einsum("bhrts,bshd->bthrd", probs, value, preferred_element_type=jnp.float32).astype(compute_dtype)
+
+
+def masked_attention(query: jax.Array, key: jax.Array, value: jax.Array, q_positions: jax.Array,
+                     kv_positions: jax.Array, q_runs: jax.Array, kv_runs: jax.Array, compute_dtype: Any) -> jax.Array:
+    """Causal attention within runs, from explicit positions and runs.
+
+    query [B, T, Hkv, R, Dh], key/value [B, S, Hkv, Dh], q_positions int [T], kv_positions int [S],
+    q_runs [B, T], kv_runs [B, S]: query t sees key s iff kv_positions[s] <= q_positions[t] and the runs match.
+    Returns [B, T, Hkv, R, Dh] in `compute_dtype`.
+    """
+    causal = kv_positions[None, :] <= q_positions[:, None]
+    mask = causal[None] & (q_runs[:, :, None] == kv_runs[:, None, :])
+    return attention_weights_and_values(query, key, value, mask, compute_dtype)
 
 
 class Attention(nn.Module):
@@ -60,6 +74,13 @@ class Attention(nn.Module):
         key = key.reshape(batch, length, kv_heads, head_dim)
         value = value.reshape(batch, length, kv_heads, head_dim)
 
+        from nemotron_jax.parallel import context  # late: the parallel package imports the model
+
+        if cache is None and (axis := context.active_axis()) is not None:
+            attend = functools.partial(masked_attention, compute_dtype=cfg.compute_jnp_dtype)
+            out = context.attention(query, key, value, run_ids, axis, attend)
+            out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
+            return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), None
         if cache is None:
             positions = jnp.arange(length)
             mask = (positions[None, :] <= positions[:, None])[None] & (run_ids[:, :, None] == run_ids[:, None, :])

@@ -253,8 +253,15 @@ class Mamba2Mixer(nn.Module):
         projected = self.in_proj(hidden)
         gate, xbc, dt = jnp.split(projected, [cfg.mamba_d_inner, cfg.mamba_d_inner + cfg.mamba_conv_dim], axis=-1)
 
+        # Inside `parallel.context.context_parallel` the row is split over devices (no cache there).
+        from nemotron_jax.parallel import context  # late: the parallel package imports the model
+
+        cp_axis = context.active_axis() if cache is None else None
         conv_prefix = None if cache is None else cache["conv"]
-        xbc, new_conv = causal_depthwise_conv(xbc, self.conv_kernel, self.conv_bias, run_ids, conv_prefix)
+        if cp_axis is None:
+            xbc, new_conv = causal_depthwise_conv(xbc, self.conv_kernel, self.conv_bias, run_ids, conv_prefix)
+        else:
+            xbc, new_conv = context.causal_conv(xbc, self.conv_kernel, self.conv_bias, run_ids, cp_axis)
         xbc = jax.nn.silu(xbc)  # float32
         x, B, C = jnp.split(xbc, [cfg.mamba_d_inner, cfg.mamba_d_inner + groups * state], axis=-1)
         x = x.reshape(batch, length, heads, head_dim)
@@ -269,6 +276,8 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and length == 1:
             y, new_state = ssd_recurrent_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y[:, None]
+        elif cp_axis is not None:
+            y, new_state = context.ssd_scan(x, dt, A, B, C, run_ids, cfg.chunk_size, cp_axis)
         else:
             y, new_state = ssd_chunked_scan(x, dt, A, B, C, run_ids, cfg.chunk_size, ssm_state)
         y = y + self.D.astype(jnp.float32)[:, None] * x

@@ -12,7 +12,12 @@ def contiguous_run_ids(segment_ids: jax.Array | None, shape: tuple[int, int]) ->
     Two tokens may interact (attention, convolution window, SSM state) only if they are in the same run, so
     a segment id that reappears after another segment starts a new, separate sequence. Padding (any id,
     conventionally 0) is a run of its own. `None` means one sequence per row.
+    Inside `parallel.context.context_parallel` (row split over devices) the numbering is the whole row's.
     """
+    from nemotron_jax.parallel import context  # the parallel layer imports the model: import late
+
+    if (axis := context.active_axis()) is not None:
+        return context.global_run_ids(segment_ids, shape, axis)
     if segment_ids is None:
         return jnp.zeros(shape, jnp.int32)
     if segment_ids.shape != tuple(shape):
