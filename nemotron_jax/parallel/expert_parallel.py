@@ -63,14 +63,15 @@ def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
 
 
 def _local_experts(rows, row_expert, group_sizes, up_proj, down_proj, *, backend, tile_rows, activation):
-    """rows [R, D] with local expert ids row_expert [R] (E_l for padding rows) -> float32 [R, D] in the same
-    order (zero for padding rows): the grouped matmuls of the dispatch layer on expert-sorted rows."""
+    """rows [R, D] with local expert ids row_expert [R] (E_l for padding rows) -> [R, D] in the rows' dtype
+    (accumulated in float32), same order, zero for padding rows: the grouped matmuls of the dispatch layer on
+    expert-sorted rows."""
     order = jnp.argsort(row_expert, stable=True)  # padding rows (id E_l) last, past sum(group_sizes)
     sorted_rows = rows[order]
     hidden = gmm(sorted_rows, up_proj, group_sizes, backend=backend, tile_rows=tile_rows,
                  preferred_element_type=rows.dtype)
     out = gmm(activation(hidden), down_proj, group_sizes, backend=backend, tile_rows=tile_rows,
-              preferred_element_type=jnp.float32)
+              preferred_element_type=rows.dtype)
     return jnp.zeros_like(out).at[order].set(out)
 
 
@@ -115,7 +116,7 @@ def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_pro
             received = lax.all_to_all(send.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
             row_expert = jax.vmap(_expert_of_rows, in_axes=(0, None, 0, None))(
                 jnp.cumsum(from_src, axis=1), slot, recv_sizes, num_local).reshape(-1)  # [ep * C]
-            out = _local_experts(received, row_expert, group_sizes, up_proj, down_proj, **kwargs).astype(dtype)
+            out = _local_experts(received, row_expert, group_sizes, up_proj, down_proj, **kwargs)
             back = lax.all_to_all(out, EXPERT, 0, 0, tiled=True)  # [ep * C, D], block j from device j
             destination = flat_ids[order] // num_local
             position = destination * capacity + jnp.arange(copies, dtype=jnp.int32) - send_starts[destination]
@@ -127,7 +128,7 @@ def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_pro
                 _exclusive_cumsum(pair, axis=0)[me], recv_sizes, axis_name=EXPERT)
             row_expert = _expert_of_rows(jnp.cumsum(from_src.reshape(-1)), jnp.arange(buffer_rows, dtype=jnp.int32),
                                          recv_sizes.sum(), num_local)
-            out = _local_experts(received, row_expert, group_sizes, up_proj, down_proj, **kwargs).astype(dtype)
+            out = _local_experts(received, row_expert, group_sizes, up_proj, down_proj, **kwargs)
             out_sorted = lax.ragged_all_to_all(
                 out, jnp.zeros((copies, out.shape[1]), dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
                 _exclusive_cumsum(pair, axis=1)[:, me], send_sizes, axis_name=EXPERT)
