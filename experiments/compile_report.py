@@ -49,8 +49,11 @@ flags.DEFINE_string("remat_policy", "nothing_saveable", "ModelConfig.remat_polic
                     "model has that field ('none' keeps every activation).")
 flags.DEFINE_enum("transport", "auto", ["auto", "ragged_all_to_all", "all_to_all"], "Expert-parallel transport "
                   "(auto: all_to_all on CPU, where ragged_all_to_all does not compile).")
+flags.DEFINE_multi_string("config_override", [], "ModelConfig field=value changes (ints, floats, bools or "
+                          "strings), e.g. --config_override=attention_backend=blockwise.")
 flags.DEFINE_list("steps", ["train", "decode"], "Which steps to compile.")
 flags.DEFINE_string("json_out", None, "Also write the report as JSON here.")
+flags.DEFINE_string("hlo_dir", None, "Write each compiled (partitioned, per-device) HLO module here.")
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
@@ -75,6 +78,17 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
         entry["count"] += 1
         entry["bytes"] += size
     return stats
+
+
+def _parse_value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _gib(n: float) -> str:
@@ -108,6 +122,13 @@ def shard_bytes(tree, shardings) -> int:
     for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
         total += math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def _dump(compiled, name: str) -> None:
+    if FLAGS.hlo_dir:
+        os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.hlo_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
 
 
 def memory_report(compiled) -> dict[str, int]:
@@ -152,6 +173,7 @@ def compile_train(cfg, mesh, report):
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
+    _dump(compiled, "train")
     report["train"] = {
         "global_batch": [rows, FLAGS.seq_len],
         "params_bytes_per_device": shard_bytes(state.params, param_shardings),
@@ -194,6 +216,7 @@ def compile_decode(cfg, mesh, report):
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
+    _dump(compiled, "decode")
     report["decode"] = {
         "batch": rows,
         "cache_length": FLAGS.decode_cache_length,
@@ -257,6 +280,9 @@ def main(argv):
         changes = {"moe_ep_transport": FLAGS.transport}
         if any(f.name == "remat_policy" for f in dataclasses.fields(cfg)):
             changes["remat_policy"] = FLAGS.remat_policy
+        for item in FLAGS.config_override:
+            name, _, text = item.partition("=")
+            changes[name] = _parse_value(text)
         cfg = cfg.replace(**changes)
         mesh = parallel.make_mesh(mesh_config)
         parallel.validate_mesh(cfg, mesh)
@@ -264,6 +290,7 @@ def main(argv):
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     report = {
+        "config_overrides": list(FLAGS.config_override),
         "model": origin, "params": count_params(cfg), "mesh": parallel.describe(mesh),
         "devices": len(jax.devices()), "platform": jax.default_backend(),
         "transport": parallel.resolve_transport(FLAGS.transport),

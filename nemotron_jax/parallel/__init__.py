@@ -8,6 +8,7 @@ parallelism, multi-host initialisation.
 """
 
 from nemotron_jax.parallel import expert_parallel
+from nemotron_jax.parallel.distributed import global_batch, initialize
 from nemotron_jax.parallel.expert_parallel import TRANSPORTS, expert_parallel_dispatch, resolve_transport
 from nemotron_jax.parallel.mesh import (
     BASE_AXES,

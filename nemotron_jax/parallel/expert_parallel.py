@@ -8,9 +8,10 @@ FSDP weight). On each device, with `ep` devices on the expert axis and `E_l = E 
 
 1. sort the `m = n * k` local token copies by expert id (so by destination device, then local expert);
 2. exchange copy counts (`all_gather` of an int32 `[E]` vector), then send each device its copies
-   (the *transport*);
-3. sort what arrived by local expert and run the two grouped matmuls of `kernels.grouped_matmul.gmm`
-   (`down(act(up(x)))`; with `tensor > 1` each device holds an F-slice, so the result is a partial sum);
+   (the *transport*); each source's copies arrive as one block already sorted by local expert;
+3. run the two grouped matmuls of `kernels.grouped_matmul.gmm` (`down(act(up(x)))`) on each source's block,
+   one block at a time (`lax.map`, rematerialised), so no buffer of the expert computation is larger than
+   one source's `m` rows; with `tensor > 1` each device holds an F-slice and the result is a partial sum;
 4. send the results back by the reverse transport, weight them, add the k copies of each token, and `psum`
    the partial sums over `tensor`.
 
@@ -23,9 +24,12 @@ Transports (`TRANSPORTS`; "auto" picks "ragged_all_to_all" on TPU and GPU, "all_
   worst case (every local copy to one device), so no token is ever dropped whatever the routing; the price is
   `ep`-times the bytes of an exact exchange, on the wire and in memory. Runs everywhere, including XLA:CPU.
 
-Both are dropless and exact (the same products as the single-device `dispatch_experts`, summed in the same
-float32), and differentiable (the transpose of each exchange is the reverse exchange). Padding rows of the
-receive buffers are sorted behind every real row, where `gmm` does no work for them.
+Both are dropless and exact: the same products as the single-device `dispatch_experts`, accumulated in float32
+(each copy's expert output travels back in the compute dtype, so in bfloat16 it is rounded once before the
+weighted float32 sum of the k copies; in float32 the results agree to rounding). Both are differentiable (the
+transpose of each exchange is the reverse exchange). Padding rows of a block come after its real rows, where
+`gmm` does no work for them. The shard_map runs with `check_vma=False`: the grouped
+matmul's `lax.cond` / `lax.scan` are not annotated for the varying-manual-axes checker.
 
 The MoE layer calls this through the hook of `model/moe.py` (`register` below) whenever the trace-time
 context mesh (`parallel.activate(mesh)`, i.e. `jax.set_mesh`) has an `expert` axis.
@@ -62,24 +66,32 @@ def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _local_experts(rows, row_expert, group_sizes, up_proj, down_proj, *, backend, tile_rows, activation):
-    """rows [R, D] with local expert ids row_expert [R] (E_l for padding rows) -> [R, D] in the rows' dtype
-    (accumulated in float32), same order, zero for padding rows: the grouped matmuls of the dispatch layer on
-    expert-sorted rows."""
-    order = jnp.argsort(row_expert, stable=True)  # padding rows (id E_l) last, past sum(group_sizes)
-    sorted_rows = rows[order]
-    hidden = gmm(sorted_rows, up_proj, group_sizes, backend=backend, tile_rows=tile_rows,
-                 preferred_element_type=rows.dtype)
-    out = gmm(activation(hidden), down_proj, group_sizes, backend=backend, tile_rows=tile_rows,
-              preferred_element_type=rows.dtype)
-    return jnp.zeros_like(out).at[order].set(out)
+def _grouped_experts(rows, group_sizes, up_proj, down_proj, *, backend, tile_rows, activation):
+    """rows [M, D] sorted by local expert (group_sizes [E_l], summing to at most M) -> [M, D] in the rows'
+    dtype (accumulated in float32; rows past sum(group_sizes) give zeros): the dispatch layer's grouped
+    matmuls `down(act(up(x)))`."""
+    hidden = gmm(rows, up_proj, group_sizes, backend=backend, tile_rows=tile_rows, preferred_element_type=rows.dtype)
+    return gmm(activation(hidden), down_proj, group_sizes, backend=backend, tile_rows=tile_rows,
+               preferred_element_type=rows.dtype)
 
 
-def _expert_of_rows(ends: jax.Array, positions: jax.Array, limit: jax.Array, num_local: int) -> jax.Array:
-    """Local expert of each row: ends [G] cumulative row counts per expert block, positions [R]; rows at or
-    past `limit` get the padding id `num_local`."""
-    block = jnp.searchsorted(ends, positions, side="right")
-    return jnp.where(positions < limit, block % num_local, num_local).astype(jnp.int32)
+def _per_source(received, starts, from_src, rows_per_source, experts):
+    """The expert computation on a receive buffer, one source device's block at a time.
+
+    received [R, D]; source s's copies are rows [starts[s], starts[s] + sum(from_src[s])), already sorted by
+    local expert (the sender sorted them), with from_src [ep, E_l] copies per local expert. Returns
+    [ep, rows_per_source, D]: block s holds source s's results in the same order, zeros after them.
+    A `lax.map` over sources with a rematerialised body: besides the buffers, memory holds one source's block
+    (at most `rows_per_source` rows) in the forward and the backward, never `ep` blocks.
+    """
+
+    @jax.checkpoint
+    def block(start_and_sizes):
+        start, sizes = start_and_sizes
+        rows = lax.dynamic_slice_in_dim(received, start, rows_per_source, axis=0)
+        return experts(rows, sizes)
+
+    return lax.map(block, (starts, from_src))
 
 
 def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_proj, *, num_shards, tensor_axis,
@@ -93,11 +105,15 @@ def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_pro
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)  # copy slot -> position in (device, local expert) order
     rows = hidden[order // top_k]  # [m, D]
+    dtype = rows.dtype
     counts = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)  # [E]
-    kwargs = dict(backend=backend, tile_rows=tile_rows, activation=activation)
+
+    def experts(block_rows, group_sizes):
+        return _grouped_experts(block_rows, group_sizes, up_proj, down_proj, backend=backend, tile_rows=tile_rows,
+                                activation=activation)
 
     if num_shards == 1:
-        out_sorted = _local_experts(rows, flat_ids[order], counts, up_proj, down_proj, **kwargs)
+        out_sorted = experts(rows, counts)
     else:
         me = lax.axis_index(EXPERT)
         sizes = lax.all_gather(counts, EXPERT).reshape(num_shards, num_shards, num_local)  # [src, dst, e_l]
@@ -105,33 +121,27 @@ def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_pro
         send_sizes = pair[me]  # [ep]
         recv_sizes = pair[:, me]  # [ep]
         from_src = lax.dynamic_index_in_dim(sizes, me, axis=1, keepdims=False)  # [src, e_l]
-        group_sizes = from_src.sum(0)  # [e_l]
         send_starts = _exclusive_cumsum(send_sizes)
-        dtype = rows.dtype
+        block_starts = jnp.arange(num_shards, dtype=jnp.int32) * copies
         if transport == "all_to_all":
             capacity = copies  # worst case: every local copy goes to one device
             slot = jnp.arange(capacity, dtype=jnp.int32)
             gather = jnp.minimum(send_starts[:, None] + slot[None], copies - 1)  # [ep, C]
             send = jnp.where((slot[None] < send_sizes[:, None])[..., None], rows[gather], jnp.zeros((), dtype))
             received = lax.all_to_all(send.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
-            row_expert = jax.vmap(_expert_of_rows, in_axes=(0, None, 0, None))(
-                jnp.cumsum(from_src, axis=1), slot, recv_sizes, num_local).reshape(-1)  # [ep * C]
-            out = _local_experts(received, row_expert, group_sizes, up_proj, down_proj, **kwargs)
-            back = lax.all_to_all(out, EXPERT, 0, 0, tiled=True)  # [ep * C, D], block j from device j
-            destination = flat_ids[order] // num_local
+            out = _per_source(received, block_starts, from_src, capacity, experts)
+            back = lax.all_to_all(out.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
+            destination = flat_ids[order] // num_local  # block j of `back` came from device j
             position = destination * capacity + jnp.arange(copies, dtype=jnp.int32) - send_starts[destination]
             out_sorted = back[position]
         elif transport == "ragged_all_to_all":
-            buffer_rows = num_shards * copies
             received = lax.ragged_all_to_all(
-                rows, jnp.zeros((buffer_rows, rows.shape[1]), dtype), send_starts, send_sizes,
+                rows, jnp.zeros((num_shards * copies, rows.shape[1]), dtype), send_starts, send_sizes,
                 _exclusive_cumsum(pair, axis=0)[me], recv_sizes, axis_name=EXPERT)
-            row_expert = _expert_of_rows(jnp.cumsum(from_src.reshape(-1)), jnp.arange(buffer_rows, dtype=jnp.int32),
-                                         recv_sizes.sum(), num_local)
-            out = _local_experts(received, row_expert, group_sizes, up_proj, down_proj, **kwargs)
+            out = _per_source(received, _exclusive_cumsum(recv_sizes), from_src, copies, experts)
             out_sorted = lax.ragged_all_to_all(
-                out, jnp.zeros((copies, out.shape[1]), dtype), _exclusive_cumsum(recv_sizes), recv_sizes,
-                _exclusive_cumsum(pair, axis=1)[:, me], send_sizes, axis_name=EXPERT)
+                out.reshape(num_shards * copies, -1), jnp.zeros((copies, rows.shape[1]), dtype), block_starts,
+                recv_sizes, _exclusive_cumsum(pair, axis=1)[:, me], send_sizes, axis_name=EXPERT)
         else:
             raise ValueError(f"expert-parallel transport {transport!r}: one of {TRANSPORTS[1:]}")
 
