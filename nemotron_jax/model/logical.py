@@ -39,3 +39,4 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         split = math.prod(sizes[a] for a in axes)
         spec.append(None if not axes or size % split else (axes[0] if len(axes) == 1 else axes))
     return jax.lax.with_sharding_constraint(x, P(*spec))
+
