@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import distributed
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", ["configs/pipelines/demo.gin"], "gin files, in order (relative to the "
                           "working directory or the repository).")
@@ -38,7 +40,19 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    try:
+        distributed.initialize()  # --coordinator_address/--num_processes/--process_id or --distributed=auto
+    except ValueError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
     import jax
+
+    if jax.process_count() > 1:
+        # The stage trainers keep their state on one device; sharded multi-process steps are
+        # training.update.make_train_step(mesh=...), as run by experiments.sharded_sft_step.
+        print("configuration error: the Cascade pipeline runs in one process (its trainers do not shard their state "
+              f"over a mesh yet); got {jax.process_count()} processes", file=sys.stderr)
+        return 2
 
     if FLAGS.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache_dir)

@@ -212,6 +212,15 @@ def sharding_lookup(shardings: ShardingSpec) -> Callable[[ParamPath, tuple[int, 
     return lambda path, shape: flat[path]
 
 
+def _place(value: np.ndarray, sharding: Any) -> jax.Array:
+    """A host array into `sharding` (None: the default device), each device receiving only its own shard. With
+    several processes each one slices its addressable shards out of its host copy (`jax.device_put` would
+    first check, by a cross-process all-gather of the whole tensor, that every process holds the same value)."""
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def _row_sharding(sharding: Any) -> Any:
     """The sharding of one row of a stacked parameter placed with `sharding` (None: default placement)."""
     if isinstance(sharding, jax.sharding.NamedSharding):
@@ -246,7 +255,7 @@ class _Placer:
             prefix, row = layer_location(self.cfg, int(path[0].split("_")[1]))
             path = prefix + path[1:]
         if row is None:
-            self.params[path] = jax.device_put(value, self.sharding_of(path, value.shape))
+            self.params[path] = _place(value, self.sharding_of(path, value.shape))
             return
         repeats = self.repeats[path[0]]
         sharding = self.sharding_of(path, (repeats, *value.shape))
@@ -386,6 +395,9 @@ def load_hf(
             if len(seen) < len(mapping.hf_names):
                 continue
             value = filling.pop(mapping.path)[0]
+        params[mapping.path] = _place(value, sharding_of(mapping.path, target.shape))
+
+
         placer.put(mapping.path, value)
         del value
         if progress is not None:

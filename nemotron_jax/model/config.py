@@ -158,6 +158,10 @@ class ModelConfig:
     # ("mamba=nothing_saveable,moe=dots_saveable"; unnamed kinds "none"), see `parse_remat_policy`.
     scan_layers: bool = False
     remat_policy: str = "none"
+    # Expert parallelism (a mesh with an `expert` axis, see nemotron_jax/parallel): how token copies travel to
+    # their expert's device: "auto" (ragged_all_to_all on TPU/GPU, all_to_all elsewhere), "ragged_all_to_all",
+    # or "all_to_all" (dense, capacity-padded to the worst case: dropless, runs on XLA:CPU).
+    moe_ep_transport: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -227,6 +231,9 @@ class ModelConfig:
                 fail(field, f"unknown dtype {getattr(self, field)!r}; one of {sorted(_DTYPES)}")
         if self.moe_backend not in MOE_BACKENDS:
             fail("moe_backend", f"unknown backend {self.moe_backend!r}; one of {MOE_BACKENDS}")
+        if self.moe_ep_transport not in ("auto", "ragged_all_to_all", "all_to_all"):
+            fail("moe_ep_transport", f"unknown transport {self.moe_ep_transport!r}; one of 'auto', "
+                                     "'ragged_all_to_all', 'all_to_all'")
         if self.moe_tile_rows <= 0:
             fail("moe_tile_rows", f"must be positive, got {self.moe_tile_rows}")
         if self.layer_norm_epsilon <= 0:
@@ -351,7 +358,7 @@ class ModelConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `NemotronHForCausalLM` loads."""
         skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows", "scan_layers",
-                "remat_policy"}
+                "remat_policy", "moe_ep_transport"}
         hf: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }

@@ -13,7 +13,19 @@ import jax.numpy as jnp
 from nemotron_jax.kernels.grouped_matmul import aligned_group_sizes, aligned_num_rows, gmm, resolve_backend
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.activations import ACTIVATIONS, relu2
+from nemotron_jax.model.logical import constrain
 from nemotron_jax.model.mlp import MLP
+
+
+# Expert parallelism (`nemotron_jax/parallel/expert_parallel.py`) installs itself here, so that this layer needs no
+# knowledge of meshes: called with `dispatch_experts`' arguments (plus `transport`), the hook returns the routed
+# output [N, D] when the trace-time context mesh calls for expert parallelism, or None to run `dispatch_experts`.
+_expert_parallel_hook: Callable[..., jax.Array | None] | None = None
+
+
+def set_expert_parallel_hook(hook: Callable[..., jax.Array | None] | None) -> None:
+    global _expert_parallel_hook
+    _expert_parallel_hook = hook
 
 
 class Routing(NamedTuple):
@@ -225,7 +237,7 @@ class MoE(nn.Module):
                              cfg.param_jnp_dtype)
         down_proj = self.param("experts_down_proj", std,
                                (cfg.n_routed_experts, cfg.moe_intermediate_size, expert_dim), cfg.param_jnp_dtype)
-        tokens = hidden.reshape(batch * length, dim)
+        tokens = constrain(hidden.reshape(batch * length, dim), ("act_tokens", "act_embed"))
         routing = route(
             tokens, router_kernel, jax.lax.stop_gradient(correction_bias),
             top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
@@ -240,11 +252,16 @@ class MoE(nn.Module):
         expert_inputs = tokens.astype(compute)
         if cfg.moe_latent_size is not None:
             expert_inputs = nn.Dense(cfg.moe_latent_size, name="fc1_latent_proj", **dense)(expert_inputs)
-        routed = dispatch_experts(
-            expert_inputs, routing.expert_ids, routing.expert_weights,
-            up_proj.astype(compute), down_proj.astype(compute),
-            backend=cfg.moe_backend, tile_rows=cfg.moe_tile_rows, activation=ACTIVATIONS[cfg.mlp_hidden_act],
-        ).astype(compute)
+        dispatch_args = (expert_inputs, routing.expert_ids, routing.expert_weights, up_proj.astype(compute),
+                         down_proj.astype(compute))
+        dispatch_kwargs = dict(backend=cfg.moe_backend, tile_rows=cfg.moe_tile_rows,
+                               activation=ACTIVATIONS[cfg.mlp_hidden_act])
+        routed = None
+        if _expert_parallel_hook is not None:
+            routed = _expert_parallel_hook(*dispatch_args, transport=cfg.moe_ep_transport, **dispatch_kwargs)
+        if routed is None:
+            routed = dispatch_experts(*dispatch_args, **dispatch_kwargs)
+        routed = routed.astype(compute)
         if cfg.moe_latent_size is not None:
             routed = nn.Dense(dim, name="fc2_latent_proj", **dense)(routed)
         shared = MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(hidden)

@@ -25,11 +25,15 @@ import jax.numpy as jnp
 from nemotron_jax.model.attention import Attention, init_attention_cache
 from nemotron_jax.model.config import LAYER_KINDS, ModelConfig
 from nemotron_jax.model.layer_stack import Segment, block_name, model_plan, remat_policy_function, stack_layers
+from nemotron_jax.model.logical import constrain
 from nemotron_jax.model.mamba2 import Mamba2Mixer, init_mamba_cache
 from nemotron_jax.model.mlp import MLP
 from nemotron_jax.model.moe import MoE
 from nemotron_jax.model.norms import RMSNorm
 from nemotron_jax.model.segments import contiguous_run_ids
+
+
+RESIDUAL_AXES = ("act_batch", "act_length", "act_embed")
 
 
 class Block(nn.Module):
@@ -61,7 +65,7 @@ class Block(nn.Module):
             out = self.mixer(mixer_input, expert_ids)
         else:
             out = self.mixer(mixer_input)
-        return hidden + out.astype(hidden.dtype), new_cache
+        return constrain(hidden + out.astype(hidden.dtype), RESIDUAL_AXES), new_cache
 
 
 def _block_class(cfg: ModelConfig, kind: str, in_scan: bool) -> type[nn.Module]:
@@ -186,6 +190,10 @@ class NemotronH(nn.Module):
             if unknown:
                 raise ValueError(f"expert_ids: keys {unknown} are not MoE layers of the pattern")
         hidden, _ = self._run_layers(hidden, run_ids, None, None, expert_ids)
+        hidden = constrain(self.embeddings(tokens), RESIDUAL_AXES)
+        for index, layer in enumerate(self.layers):
+            replay = None if expert_ids is None else expert_ids.get(f"layers_{index}")
+            hidden, _ = layer(hidden, run_ids, expert_ids=replay)
         return self.norm_f(hidden)
 
     def _run_layers(self, hidden, run_ids, caches, cache_meta, expert_ids):
@@ -212,7 +220,7 @@ class NemotronH(nn.Module):
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V]."""
-        return self.lm_head(hidden).astype(jnp.float32)
+        return constrain(self.lm_head(hidden), ("act_batch", "act_length", "act_vocab")).astype(jnp.float32)
 
     def forward_cached(self, tokens: jax.Array, cache: dict[str, Any],
                        segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:

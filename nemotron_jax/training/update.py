@@ -71,6 +71,8 @@ def make_train_step(
     expert_bias_update_rate: float = 0.0,
     moe_layers: tuple[str, ...] = (),
     donate: bool = True,
+    mesh: Any = None,
+    state_shardings: Any = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Returns jitted `step(state, batch, normalizers, learning_rate) -> (new_state, metrics)`.
 
@@ -82,6 +84,11 @@ def make_train_step(
     "loss", "grad_norm", "update_norm", "learning_rate", and "moe/max_load_ratio"
     (busiest expert's load over the mean, averaged over MoE layers) with "moe/expert_load" [layers, E]
     (fractions of each layer's routed slots).
+
+    With a `mesh` (`nemotron_jax.parallel.make_mesh`), the step is traced under `parallel.activate(mesh)` (MoE
+    layers expert-parallel, activation constraints on), takes and returns the state in `state_shardings`
+    (required with a mesh: e.g. `parallel.tree_shardings(state, state.params, mesh)`, the params' rules for
+    params and Adam moments), and takes the batch with rows split over (data, fsdp, expert).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
@@ -125,4 +132,14 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    from nemotron_jax import parallel
+
+    if state_shardings is None:
+        raise ValueError("make_train_step: a mesh needs state_shardings (see parallel.tree_shardings)")
+    batch_sharding = parallel.batch_sharding(mesh)
+    return parallel.MeshJit(step, mesh, donate_argnums=donate_argnums,
+                            in_shardings=(state_shardings, batch_sharding, None, None),
+                            out_shardings=(state_shardings, None))
