@@ -395,9 +395,6 @@ def load_hf(
             if len(seen) < len(mapping.hf_names):
                 continue
             value = filling.pop(mapping.path)[0]
-        params[mapping.path] = _place(value, sharding_of(mapping.path, target.shape))
-
-
         placer.put(mapping.path, value)
         del value
         if progress is not None:

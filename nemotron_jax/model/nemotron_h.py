@@ -183,17 +183,13 @@ class NemotronH(nn.Module):
         if positions is not None and positions.shape != tokens.shape:
             raise ValueError(f"positions has shape {positions.shape}, expected {tokens.shape} like the tokens")
         run_ids = contiguous_run_ids(segment_ids, tokens.shape)
-        hidden = self.embeddings(tokens)
+        hidden = constrain(self.embeddings(tokens), RESIDUAL_AXES)
         if expert_ids is not None:
             unknown = sorted(set(expert_ids) - {f"layers_{i}" for i, c in enumerate(self.config.layer_pattern)
                                                 if LAYER_KINDS[c] == "moe"})
             if unknown:
                 raise ValueError(f"expert_ids: keys {unknown} are not MoE layers of the pattern")
         hidden, _ = self._run_layers(hidden, run_ids, None, None, expert_ids)
-        hidden = constrain(self.embeddings(tokens), RESIDUAL_AXES)
-        for index, layer in enumerate(self.layers):
-            replay = None if expert_ids is None else expert_ids.get(f"layers_{index}")
-            hidden, _ = layer(hidden, run_ids, expert_ids=replay)
         return self.norm_f(hidden)
 
     def _run_layers(self, hidden, run_ids, caches, cache_meta, expert_ids):
