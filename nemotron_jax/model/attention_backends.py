@@ -12,7 +12,8 @@ and its statistics are float32; the result is in the query's dtype.
 - `splash`: the Pallas TPU splash-attention kernel (segment ids + causal mask, its MQA kernel per KV head);
   interpreted off TPU (slow; for tests).
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, which has no segment ids: rows holding one
-  run go to it, packed batches to `blockwise` (a runtime `lax.cond`; both branches are compiled).
+  run go to it, packed batches to `blockwise` (a runtime `lax.cond`; both branches are compiled). Off GPU the
+  same wrapper calls implementation "xla" (quadratic; for tests only).
 - `auto` (`resolve_backend`): `splash` on TPU; `cudnn` on GPU in bfloat16/float16 (cuDNN has no float32
   flash kernel); elsewhere `xla` up to `AUTO_XLA_MAX_LENGTH` tokens (one fused einsum is fastest while the
   [T, T] scores are small) and `blockwise` beyond.

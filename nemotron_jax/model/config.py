@@ -158,9 +158,9 @@ class ModelConfig:
     # Attention of the training forward (no decode cache; decoding always uses "xla"), see
     # `model.attention_backends`: "xla" (einsum, [T, T] float32 scores), "blockwise" (plain-JAX flash
     # attention, memory linear in T), "splash" (Pallas TPU kernel), "cudnn" (GPU; packed batches fall back to
-    # blockwise at run time), or "auto": splash on TPU, cudnn on GPU in bfloat16/float16, else xla up to 2048
-    # tokens and blockwise beyond. `attention_block_q` / `attention_block_kv`: the query / key tiles of
-    # blockwise (splash uses the larger, at least 128).
+    # blockwise at run time; off GPU jax's quadratic "xla" implementation), or "auto": splash on TPU, cudnn on
+    # GPU in bfloat16/float16, else xla up to 2048 tokens and blockwise beyond. `attention_block_q` /
+    # `attention_block_kv`: the query / key tiles of blockwise (splash uses the larger, at least 128).
     attention_backend: str = "auto"
     attention_block_q: int = 512
     attention_block_kv: int = 512
