@@ -28,7 +28,8 @@ Backends (every one differentiable, every one dropless; `auto` picks per platfor
 - "ragged_dot": `jax.lax.ragged_dot`. Native on GPU/TPU; on XLA:CPU a masked dense product ([G, M, K]).
 - "pallas": this package's own Pallas kernels (`kernels.pallas_gmm`): a Mosaic-TPU kernel with
   scalar-prefetched visit metadata and a Pallas-Triton GPU kernel, both with `group_offset` and a
-  `custom_vjp` (gmm + tgmm). On CPU they run in interpret mode (slow: for tests).
+  `custom_vjp` (gmm + tgmm). On CPU they run in interpret mode (slow: for tests). "pallas_tpu" and
+  "pallas_gpu" force one lowering (interpret mode off its platform).
 - "megablox": `jax.experimental.pallas.ops.tpu.megablox` (TPU; interpret mode elsewhere).
 - "tokamax": `tokamax.ragged_dot` with an explicit `implementation` (`mosaic` on TPU and Hopper GPUs, `xla`
   on CPU). Tokamax has no `group_offset`; with one, rows are shifted so the local groups come first.
@@ -45,7 +46,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-BACKENDS = ("auto", "scan", "blocks", "ragged_dot", "pallas", "megablox", "tokamax")
+BACKENDS = ("auto", "scan", "blocks", "ragged_dot", "pallas", "pallas_tpu", "pallas_gpu", "megablox", "tokamax")
+# "pallas" uses the platform's lowering of our Pallas kernels; these two name one explicitly (off their
+# platform in interpret mode: how CPU tests check both lowerings, down to the MoE layer).
+_PALLAS_LOWERING = {"pallas": None, "pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
 def resolve_backend(backend: str, platform: str | None = None) -> str:
@@ -410,11 +414,12 @@ def gmm(
         out = _gmm_blocks_aligned(take_rows(lhs, to_aligned, to_compact), rhs, aligned, group_offset, tile_rows,
                                   out_dtype)
         return take_rows(out, to_compact, to_aligned)
-    if backend == "pallas":
+    if backend in _PALLAS_LOWERING:
         from nemotron_jax.kernels import pallas_gmm
 
         return pallas_gmm.gmm(lhs, rhs, group_sizes, group_offset=group_offset, tile_rows=tile_rows,
-                              preferred_element_type=out_dtype, interpret=interpret)
+                              preferred_element_type=out_dtype, lowering=_PALLAS_LOWERING[backend],
+                              interpret=interpret)
     if backend == "megablox":
         from nemotron_jax.kernels import library_gmm
 
@@ -469,11 +474,12 @@ def tgmm(
             to_aligned, to_compact, group_sizes = _aligned_layout(group_sizes, lhs.shape[0], tile_rows)
             lhs, grad = take_rows(lhs, to_aligned, to_compact), take_rows(grad, to_aligned, to_compact)
         return _tgmm_blocks_aligned(lhs, grad, group_sizes, group_offset, num_local, tile_rows, out_dtype)
-    if backend == "pallas":
+    if backend in _PALLAS_LOWERING:
         from nemotron_jax.kernels import pallas_gmm
 
         return pallas_gmm.tgmm(lhs, grad, group_sizes, group_offset=group_offset, num_local_groups=num_local,
-                               tile_rows=tile_rows, preferred_element_type=out_dtype, interpret=interpret)
+                               tile_rows=tile_rows, preferred_element_type=out_dtype,
+                               lowering=_PALLAS_LOWERING[backend], interpret=interpret)
     if backend == "megablox":
         from nemotron_jax.kernels import library_gmm
 

@@ -27,6 +27,13 @@ def tokamax_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, prefe
     """`tokamax.ragged_dot(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]`; implementation from
     `TOKAMAX_IMPLEMENTATION[jax.default_backend()]` unless given."""
     import tokamax  # noqa: PLC0415 (seconds to import; only the GPU/TPU paths need it)
+    from absl import flags  # noqa: PLC0415
+
+    # tokamax reads its config from absl flags and, when nothing has parsed them yet, parses `sys.argv`
+    # itself: under any non-absl program (pytest, a user script) a foreign argv such as `-q` raises
+    # UnrecognizedFlagError. Unparsed means nobody set tokamax's flags, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
     if implementation is None:
         platform = jax.default_backend()

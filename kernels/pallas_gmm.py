@@ -308,8 +308,8 @@ def _resolve(lowering, interpret):
         lowering = "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"
     if lowering not in LOWERINGS:
         raise ValueError(f"pallas gmm: unknown lowering {lowering!r}; one of {LOWERINGS}")
-    if interpret is None:
-        interpret = platform == "cpu"
+    if interpret is None:  # a lowering off its own platform can only be interpreted
+        interpret = platform == "cpu" or (lowering == "tpu") != (platform == "tpu")
     return lowering, bool(interpret)
 
 

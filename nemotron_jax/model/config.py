@@ -39,7 +39,7 @@ _LEGACY_HF_KEYS = {
 }
 
 # The names of `nemotron_jax.kernels.grouped_matmul.BACKENDS` (kept here so the config imports no kernels).
-MOE_BACKENDS = ("auto", "scan", "blocks", "ragged_dot", "pallas", "megablox", "tokamax")
+MOE_BACKENDS = ("auto", "scan", "blocks", "ragged_dot", "pallas", "pallas_tpu", "pallas_gpu", "megablox", "tokamax")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -151,7 +151,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     # MoE expert computation (dropless): the grouped-matmul backend of the routed experts
     # (`kernels.grouped_matmul.BACKENDS`): "auto" (per platform: "blocks" on CPU, "tokamax" on GPU/TPU),
-    # "blocks", "scan" (plain-JAX reference), "ragged_dot", "pallas" (own Pallas kernels), "megablox",
+    # "blocks", "scan" (plain-JAX reference), "ragged_dot", "pallas" (own Pallas kernels; "pallas_tpu" /
+    # "pallas_gpu" force a lowering, interpreted off its platform), "megablox",
     # "tokamax". `moe_tile_rows` is their row tile (the block size of "blocks").
     moe_backend: str = "auto"
     moe_tile_rows: int = 128
