@@ -215,13 +215,25 @@ def _blockwise_backward(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+# The forward's tile loops under `jax.checkpoint`: inside a `lax.scan` over layers (`scan_layers`), JAX's
+# partial evaluation of the scan otherwise kept per-tile values of this forward (masks, probabilities) as
+# stacked [q tiles, key tiles, B, Hkv, R, bq, bk] arrays, O(T^2) memory (256 GiB per device at 256K tokens),
+# although the custom VJP needs only the output and the log-sum-exp. Checkpointing makes the loops opaque to it;
+# nothing is recomputed (all their inputs are known in the forward).
+# `tests/model/test_attention_backends.py::test_blockwise_in_a_layer_scan_keeps_no_tile_residuals`.
+_blockwise_forward_opaque = jax.checkpoint(_blockwise_forward, static_argnums=(9, 10),
+                                           policy=jax.checkpoint_policies.nothing_saveable)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
 def _blockwise(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, block_q, block_kv):
-    return _blockwise_forward(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, block_q, block_kv)[0]
+    return _blockwise_forward_opaque(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, block_q,
+                                     block_kv)[0]
 
 
 def _blockwise_fwd(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, block_q, block_kv):
-    out, lse = _blockwise_forward(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, block_q, block_kv)
+    out, lse = _blockwise_forward_opaque(q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, block_q,
+                                         block_kv)
     return out, (q, k, v, q_pos, kv_pos, q_runs, kv_runs, q_real, kv_real, out, lse)
 
 
