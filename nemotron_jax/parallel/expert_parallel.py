@@ -106,7 +106,7 @@ def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_pro
     """
     num_tokens = hidden.shape[0]
     num_chunks = max(1, -(-num_tokens // tokens_per_exchange))
-    if num_chunks == 1:
+    if num_chunks == 1 or kw["num_shards"] == 1:  # no exchange: nothing worst-case-sized to bound
         return _exchange_and_compute(hidden, expert_ids, expert_weights, up_proj, down_proj, **kw)
     chunk = -(-num_tokens // num_chunks)
     pad = num_chunks * chunk - num_tokens
@@ -250,10 +250,18 @@ def expert_parallel_dispatch(
 
 
 def _hook(hidden, expert_ids, expert_weights, up_proj, down_proj, *, transport, backend, tile_rows, activation):
-    """The MoE layer's hook: expert-parallel dispatch when the context mesh has an `expert` axis, else None
-    (the layer then runs the single-program `dispatch_experts`)."""
+    """The MoE layer's hook: under a context mesh with an `expert` axis, or with any automatic axis that splits
+    the tokens (data, fsdp, ...), the shard_map dispatch of this module; else None (the layer then runs the
+    single-program `dispatch_experts`). Without an expert axis this still matters: left to GSPMD, the sort of
+    all token copies by expert is global, so every device would gather and sort every data shard's tokens (at
+    256K tokens per row on fsdp 8 x context 8, 16 GiB buffers of all 8 rows' copies on each device)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or EXPERT not in mesh.axis_names:
+    if mesh.empty:
+        return None
+    manual = set(getattr(mesh, "manual_axes", ()))
+    splits_tokens = any(size > 1 and name not in manual and name != TENSOR
+                        for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+    if EXPERT not in mesh.axis_names and not splits_tokens:
         return None
     return expert_parallel_dispatch(hidden, expert_ids, expert_weights, up_proj, down_proj, mesh=mesh,
                                     transport=transport, backend=backend, tile_rows=tile_rows, activation=activation)
