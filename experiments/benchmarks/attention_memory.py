@@ -9,8 +9,9 @@ temporaries (activations kept for the backward pass, and scratch) and the compil
 `--time_max_tokens` it also runs the step (random parameters) and reports the median of `--repeats` runs.
 `--xla_max_tokens` bounds the quadratic backend. Side by side: the attention function alone (`attend`, the
 config's head layout, value and gradient), and the Mamba-2 SSD scan alone (`ssd_chunked_scan` with the Mamba
-sizes of `--ssd_config`, default the 30B-A3B's chunk 128 x 64 heads) with and without its within-chunk remat:
-compiled temporaries and the bytes the forward keeps for the backward (the residuals of `jax.vjp`, which add
+sizes of `--ssd_config`, default the 30B-A3B's chunk 128 x 64 heads) as before this change (all chunks at once,
+no remat), with the within-chunk remat, and with remat over groups of 4,096 tokens (the default): compiled
+temporaries and the bytes the forward keeps for the backward (the residuals of `jax.vjp`, which add
 up over layers in a model without layer remat).
 
 Summary: the least-squares slope of temporaries against T (bytes per token) per backend, and the ratio of each
@@ -104,10 +105,15 @@ def _attention_step(cfg: ModelConfig):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
-def _ssd_forward(cfg: ModelConfig, remat: bool):
+# SSD variants: (name, remat, chunk groups of `group_tokens` tokens or None for all chunks at once).
+SSD_VARIANTS = (("plain", False, None), ("remat", True, None), ("remat+groups", True, 4096))
+
+
+def _ssd_forward(cfg: ModelConfig, remat: bool, group_tokens: int | None, length: int):
     def forward(x, dt, B, C, runs):
         A = -jnp.arange(1.0, cfg.mamba_num_heads + 1)
-        return ssd_chunked_scan(x, dt, A, B, C, runs, cfg.chunk_size, remat=remat)[0]
+        return ssd_chunked_scan(x, dt, A, B, C, runs, cfg.chunk_size, remat=remat,
+                                group_tokens=group_tokens or length)[0]
 
     return forward
 
@@ -184,10 +190,10 @@ def main(argv):
                     jax.ShapeDtypeStruct((1, length, groups, state), f32),
                     jax.ShapeDtypeStruct((1, length, groups, state), f32),
                     jax.ShapeDtypeStruct((1, length), jnp.int32))
-        for remat in (False, True):
-            forward = _ssd_forward(ssd_cfg, remat)
+        for variant, remat, group_tokens in SSD_VARIANTS:
+            forward = _ssd_forward(ssd_cfg, remat, group_tokens, length)
             step = jax.value_and_grad(lambda *a, forward=forward: jnp.sum(forward(*a)), argnums=(0, 1, 2, 3))
-            row = {"kind": "ssd_scan", "remat": remat, "tokens": length, "ssd_config": FLAGS.ssd_config,
+            row = {"kind": "ssd_scan", "variant": variant, "tokens": length, "ssd_config": FLAGS.ssd_config,
                    "residual_mib": _residual_bytes(forward, ssd_args) / MIB, **_measure(step, ssd_args, None)}
             print(json.dumps(row), flush=True)
             report["rows"].append(row)
@@ -200,9 +206,9 @@ def main(argv):
                 summary[f"{kind}/{backend}"] = {
                     "slope_bytes_per_token": _slope([(r["tokens"], r["temp_mib"]) for r in rows]),
                     "largest_tokens": rows[-1]["tokens"], "temp_over_scores_at_largest": rows[-1]["temp_over_scores"]}
-    for remat in (False, True):
-        rows = [r for r in report["rows"] if r["kind"] == "ssd_scan" and r["remat"] == remat]
-        summary[f"ssd_scan/remat={remat}"] = {
+    for variant, _, _ in SSD_VARIANTS:
+        rows = [r for r in report["rows"] if r["kind"] == "ssd_scan" and r["variant"] == variant]
+        summary[f"ssd_scan/{variant}"] = {
             "temp_slope_bytes_per_token": _slope([(r["tokens"], r["temp_mib"]) for r in rows]),
             "residual_slope_bytes_per_token": _slope([(r["tokens"], r["residual_mib"]) for r in rows])}
     report["summary"] = summary

@@ -115,6 +115,7 @@ def ssd_chunked_scan(
     chunk_size: int,
     initial_state: jax.Array | None = None,
     remat: bool = True,
+    group_tokens: int = 4096,
 ) -> tuple[jax.Array, jax.Array]:
     """Selective state-space scan over full sequences, chunked (SSD), with run-boundary resets.
 
@@ -132,6 +133,9 @@ def ssd_chunked_scan(
       remat: recompute the within-chunk products in the backward pass (`jax.checkpoint`) instead of keeping
         their [B, T/L, H, L, L] decay matrix and [B, T/L, G, L, L] scores (L times the inputs' size) alive
         from the forward; the outputs are the same.
+      group_tokens: the within-chunk products run over groups of `max(1, group_tokens // L)` chunks at a time
+        (`lax.map`), so their [.., L, L] temporaries stay bounded whatever T; rows of at most `group_tokens`
+        tokens take one group (all chunks at once).
 
     Returns:
       y [B, T, H, P] float32 (without the D skip), final_state [B, H, P, N] float32 after position T-1.
@@ -159,7 +163,23 @@ def ssd_chunked_scan(
 
     log_decay = jnp.moveaxis(log_decay, -1, 2)  # [b, c, h, l]
     within = jax.checkpoint(_within_chunks) if remat else _within_chunks
-    y_diag, chunk_states, cum_decay = within(x_dt, log_decay, B, C, runs)
+    group = max(1, group_tokens // chunk_size)
+    if num_chunks <= group:
+        y_diag, chunk_states, cum_decay = within(x_dt, log_decay, B, C, runs)
+    else:
+        # Whole groups of chunks; padding chunks (zero input, no decay) are computed and dropped.
+        num_groups = -(-num_chunks // group)
+
+        def grouped(array):
+            array = jnp.pad(array, [(0, 0), (0, num_groups * group - num_chunks)] + [(0, 0)] * (array.ndim - 2))
+            return jnp.moveaxis(array.reshape(batch, num_groups, group, *array.shape[2:]), 1, 0)
+
+        def ungrouped(array):
+            array = jnp.moveaxis(array, 0, 1)
+            return array.reshape(batch, num_groups * group, *array.shape[3:])[:, :num_chunks]
+
+        outs = lax.map(lambda xs: within(*xs), tuple(grouped(a) for a in (x_dt, log_decay, B, C, runs)))
+        y_diag, chunk_states, cum_decay = (ungrouped(a) for a in outs)
 
     # 3. Across chunks: the state entering chunk c survives it iff no run starts inside it.
     runs_last = runs[:, :, -1]  # [b, c]

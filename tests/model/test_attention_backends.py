@@ -235,14 +235,20 @@ def test_ssd_remat_equals_no_remat():
     runs = jnp.asarray(_runs([[7, 1, 20, 12], [40]]))
     weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
 
-    def run(remat):
+    def run(remat, group_tokens=4096):
         def loss(x, dt, A, B, C):
-            y, final = ssd_chunked_scan(x, dt, A, B, C, runs, 16, remat=remat)
-            return jnp.sum(y * weights) + jnp.sum(final), y
+            y, final = ssd_chunked_scan(x, dt, A, B, C, runs, 16, remat=remat, group_tokens=group_tokens)
+            return jnp.sum(y * weights) + jnp.sum(final), (y, final)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, dt, A, B, C)
 
-    (_, y), grads = run(True)
-    (_, y_ref), grads_ref = run(False)
+    (_, (y_ref, final_ref)), grads_ref = run(False)
+    (_, (y, final)), grads = run(True)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
     for grad, ref in zip(grads, grads_ref):
-        _assert_close(grad, ref, 1e-6, "SSD gradient")
+        _assert_close(grad, ref, 1e-6, "SSD gradient with remat")
+    # Groups of 2 chunks: 3 chunks of 16 make a second, padded group.
+    (_, (y, final)), grads = run(True, group_tokens=32)
+    _assert_close(y, y_ref, 1e-6, "SSD output in chunk groups")
+    _assert_close(final, final_ref, 1e-6, "SSD final state in chunk groups")
+    for grad, ref in zip(grads, grads_ref):
+        _assert_close(grad, ref, 1e-6, "SSD gradient in chunk groups")
