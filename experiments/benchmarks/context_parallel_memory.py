@@ -1,12 +1,15 @@
 """Per-device memory of a forward+backward pass with context parallelism, compiled ahead of time.
 
     python -m experiments.benchmarks.context_parallel_memory --out=/tmp/cp_memory.json \
-        --config=nano_30b_a3b --tokens=262144 --mesh=fsdp=8,context=8
+        --config=nano_30b_a3b --tokens=262144 --mesh=expert=8,context=8 \
+        --override=scan_layers=true --override=remat_policy=nothing_saveable
 
 Lowers and compiles (abstract shapes: nothing is allocated) the gradient of the mean token log-prob of one
 packed row of `--tokens` tokens per data shard, w.r.t. all parameters, on a mesh of fake CPU devices whose
 `context` axis splits each row (`nemotron_jax.parallel.context.context_parallel`). Parameters are bfloat16 as
-in the preset, sharded over `fsdp` (each weight along its first dimension that the axis divides); the
+in the preset, placed by the project's sharding rules (`parallel.param_shardings`: FSDP, experts over `expert`,
+tensor); the step is traced under `parallel.activate(mesh)`, so MoE layers dispatch per token shard
+(expert-parallel with an `expert` axis); the
 log-probs stream the vocabulary (`losses.token_logprobs_and_entropy`), so the [T, V] logits never exist.
 Reports `compiled.memory_analysis()` per device: arguments (parameter shard, tokens), outputs (gradient
 shard), temporaries (activations kept for the backward pass and scratch), their sum, and the compile time.
@@ -38,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nemotron_jax.losses import token_logprobs_and_entropy
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.nemotron_h import NemotronH
+from nemotron_jax import parallel
 from nemotron_jax.model.params import abstract_params
 from nemotron_jax.parallel.context import CONTEXT_AXIS, context_parallel
 
@@ -63,22 +67,13 @@ def _parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Splits the first dimension that `fsdp` divides (none if no dimension does)."""
-    for dim, size in enumerate(shape):
-        if fsdp > 1 and size % fsdp == 0:
-            return P(*([None] * dim), "fsdp")
-    return P()
-
-
 def main(argv):
     del argv
     sizes = _parse_mesh(FLAGS.mesh)
     devices = math.prod(sizes.values())
     if devices > jax.device_count():
         raise app.UsageError(f"--mesh needs {devices} devices; XLA_FLAGS gives {jax.device_count()}")
-    mesh = jax.make_mesh(tuple(sizes.values()), tuple(sizes),
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=jax.devices()[:devices])
+    mesh = parallel.make_mesh(FLAGS.mesh, devices=jax.devices()[:devices])
     overrides = {}
     for item in FLAGS.override:
         name, _, value = item.partition("=")
@@ -90,13 +85,12 @@ def main(argv):
         overrides["layer_pattern"] = FLAGS.layer_pattern
     cfg = ModelConfig.preset(FLAGS.config, **overrides)
 
-    fsdp = sizes.get("fsdp", 1)
+    # The project's sharding rules (FSDP on dense weights, experts over `expert`, heads / width over `tensor`).
     params = abstract_params(cfg)
-    params = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                          sharding=NamedSharding(mesh, _fsdp_spec(leaf.shape, fsdp))), params)
-    param_shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
-    batch_axes = tuple(name for name in ("data", "fsdp") if sizes.get(name, 1) > 1)
+    param_shardings = parallel.param_shardings(params, mesh)
+    params = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          params, param_shardings)
+    batch_axes = tuple(name for name in ("data", "fsdp", "expert") if sizes.get(name, 1) > 1)
     rows = FLAGS.rows * math.prod(sizes.get(name, 1) for name in batch_axes)
     token_sharding = NamedSharding(mesh, P(batch_axes or None, CONTEXT_AXIS))
     tokens = jax.ShapeDtypeStruct((rows, FLAGS.tokens), jnp.int32, sharding=token_sharding)
@@ -113,7 +107,8 @@ def main(argv):
 
     step = jax.jit(jax.value_and_grad(loss), out_shardings=(NamedSharding(mesh, P()), param_shardings))
     start = time.perf_counter()
-    lowered = step.lower(params, tokens, tokens, tokens)
+    with parallel.activate(mesh):
+        lowered = step.lower(params, tokens, tokens, tokens)
     lowered_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
