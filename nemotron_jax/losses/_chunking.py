@@ -40,25 +40,43 @@ def scan_vocab_chunks(
     return carry
 
 
-def token_block_size(num_tokens: int, token_chunk_size: int | None) -> int:
+def token_block_size(num_tokens: int, token_chunk_size: int | None, rows: int = 1) -> int:
+    """Tokens of each row in one token block: blocks hold about `token_chunk_size` tokens over all rows."""
+    per_row = num_tokens // rows
     if token_chunk_size is None:
-        return max(num_tokens, 1)
-    return max(min(token_chunk_size, num_tokens), 1)
+        return max(per_row, 1)
+    return max(min(-(-token_chunk_size // rows), per_row), 1)
 
 
-def split_token_blocks(values: jax.Array, block: int) -> jax.Array:
-    """`[N, ...] -> [ceil(N / block), block, ...]`, zero-padded at the end."""
+def split_token_blocks(values: jax.Array, block: int, rows: int = 1) -> jax.Array:
+    """`[N, ...] -> [ceil(T / block), rows * block, ...]` with `N = rows * T` (row-major), each row zero-padded.
+
+    Blocks run along the token axis of every row at once (block `i` holds tokens `[i * block, (i + 1) * block)`
+    of each row), so that a leading batch axis sharded over devices stays sharded: a scan over the blocks then
+    slices an unsharded axis instead of gathering every row onto every device.
+    """
     num_tokens = values.shape[0]
-    num_blocks = -(-num_tokens // block)
-    padding = num_blocks * block - num_tokens
+    if num_tokens % rows:
+        raise ValueError(f"split_token_blocks: {num_tokens} tokens do not split into {rows} rows")
+    per_row = num_tokens // rows
+    trailing = values.shape[1:]
+    num_blocks = -(-per_row // block)
+    values = values.reshape((rows, per_row) + trailing)
+    padding = num_blocks * block - per_row
     if padding:
-        values = jnp.pad(values, [(0, padding)] + [(0, 0)] * (values.ndim - 1))
-    return values.reshape((num_blocks, block) + values.shape[1:])
+        values = jnp.pad(values, [(0, 0), (0, padding)] + [(0, 0)] * len(trailing))
+    values = jnp.moveaxis(values.reshape((rows, num_blocks, block) + trailing), 1, 0)
+    return values.reshape((num_blocks, rows * block) + trailing)
 
 
-def merge_token_blocks(values: jax.Array, num_tokens: int) -> jax.Array:
-    """Inverse of `split_token_blocks`: `[num_blocks, block, ...] -> [N, ...]`."""
-    return values.reshape((-1,) + values.shape[2:])[:num_tokens]
+def merge_token_blocks(values: jax.Array, num_tokens: int, rows: int = 1) -> jax.Array:
+    """Inverse of `split_token_blocks`: `[num_blocks, rows * block, ...] -> [N, ...]`."""
+    num_blocks, rows_times_block = values.shape[:2]
+    trailing = values.shape[2:]
+    block = rows_times_block // rows
+    values = jnp.moveaxis(values.reshape((num_blocks, rows, block) + trailing), 0, 1)
+    values = values.reshape((rows, num_blocks * block) + trailing)[:, : num_tokens // rows]
+    return values.reshape((num_tokens,) + trailing)
 
 
 def tile_logits(
@@ -107,6 +125,7 @@ def lm_head_backward(
     chunk_size: int,
     token_chunk_size: int | None,
     precision: Any,
+    rows: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Gradients `(d hidden2d [N, D], d lm_head [D, V])` of a function of the logits `hidden2d @ lm_head`.
 
@@ -116,9 +135,9 @@ def lm_head_backward(
     `per_token`.
     """
     num_tokens, hidden_size = hidden2d.shape
-    block = token_block_size(num_tokens, token_chunk_size)
-    hidden_blocks = split_token_blocks(hidden2d, block)
-    per_token_blocks = tuple(split_token_blocks(x, block) for x in per_token)
+    block = token_block_size(num_tokens, token_chunk_size, rows)
+    hidden_blocks = split_token_blocks(hidden2d, block, rows)
+    per_token_blocks = tuple(split_token_blocks(x, block, rows) for x in per_token)
 
     def vocab_chunk(carry, start, size):
         hidden_grad, lm_head_grad = carry
@@ -143,4 +162,4 @@ def lm_head_backward(
 
     carry = (jnp.zeros(hidden_blocks.shape, dtype), jnp.zeros(lm_head.shape, lm_head.dtype))
     hidden_grad, lm_head_grad = scan_vocab_chunks(vocab_chunk, carry, lm_head.shape[1], chunk_size)
-    return merge_token_blocks(hidden_grad, num_tokens).astype(hidden2d.dtype), lm_head_grad
+    return merge_token_blocks(hidden_grad, num_tokens, rows).astype(hidden2d.dtype), lm_head_grad

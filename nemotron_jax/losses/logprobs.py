@@ -12,6 +12,7 @@ Tile size: `token_chunk_size x chunk_size` float32 values; the defaults (8192 x 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -50,14 +51,14 @@ def _check_inputs(hidden: Any, lm_head: Any, targets: Any):
         )
 
 
-def _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision):
+def _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows):
     """Returns `(logprobs [N], entropy [N], logsumexp [N])`, all float32 (float64 for float64 inputs)."""
     num_tokens = hidden2d.shape[0]
     vocab_size = lm_head.shape[1]
     dtype = _checks.compute_dtype(hidden2d, lm_head)
-    block = token_block_size(num_tokens, token_chunk_size)
-    hidden_blocks = split_token_blocks(hidden2d, block)
-    target_blocks = split_token_blocks(targets1d, block)
+    block = token_block_size(num_tokens, token_chunk_size, rows)
+    hidden_blocks = split_token_blocks(hidden2d, block, rows)
+    target_blocks = split_token_blocks(targets1d, block, rows)
     stats_shape = target_blocks.shape
     # Per token: running max m, sum s = sum exp(l - m), u = sum exp(l - m) * (l - m), target logit.
     stats = (
@@ -92,11 +93,11 @@ def _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precisi
     entropy = jnp.log(running_sum) - running_u / running_sum
     in_range = (target_blocks >= 0) & (target_blocks < vocab_size)
     logprobs = jnp.where(in_range, target_logit - logsumexp, jnp.nan)
-    return tuple(merge_token_blocks(x, num_tokens) for x in (logprobs, entropy, logsumexp))
+    return tuple(merge_token_blocks(x, num_tokens, rows) for x in (logprobs, entropy, logsumexp))
 
 
 def _backward(hidden2d, lm_head, targets1d, logsumexp, entropy, logprob_grad, entropy_grad, chunk_size,
-              token_chunk_size, precision):
+              token_chunk_size, precision, rows):
     """Gradients w.r.t. `hidden2d` and `lm_head`, one recomputed tile at a time.
 
     For a token with logits l, p = softmax(l), target y, log-prob lp = l_y - logsumexp(l) and entropy
@@ -122,28 +123,28 @@ def _backward(hidden2d, lm_head, targets1d, logsumexp, entropy, logprob_grad, en
         return logits_grad
 
     return lm_head_backward(hidden2d, lm_head, per_token, chunk_logits_grad, dtype, chunk_size, token_chunk_size,
-                            precision)
+                            precision, rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunked_logprobs_and_entropy(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision):
-    logprobs, entropy, _ = _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunked_logprobs_and_entropy(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows):
+    logprobs, entropy, _ = _forward(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows)
     return logprobs, entropy
 
 
-def _chunked_fwd(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision):
+def _chunked_fwd(hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows):
     logprobs, entropy, logsumexp = _forward(
-        hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision
+        hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows
     )
     return (logprobs, entropy), (hidden2d, lm_head, targets1d, logsumexp, entropy)
 
 
-def _chunked_bwd(chunk_size, token_chunk_size, precision, residuals, cotangents):
+def _chunked_bwd(chunk_size, token_chunk_size, precision, rows, residuals, cotangents):
     hidden2d, lm_head, targets1d, logsumexp, entropy = residuals
     logprob_grad, entropy_grad = cotangents
     hidden_grad, lm_head_grad = _backward(
         hidden2d, lm_head, targets1d, logsumexp, entropy, logprob_grad, entropy_grad,
-        chunk_size, token_chunk_size, precision,
+        chunk_size, token_chunk_size, precision, rows,
     )
     return hidden_grad, lm_head_grad, None
 
@@ -169,7 +170,8 @@ def token_logprobs_and_entropy(
         log-prob (never a silently wrong number) and no gradient; mask such positions out of the loss
         (`aggregate_loss` ignores values at masked positions, NaN included).
       chunk_size: vocabulary columns per tile.
-      token_chunk_size: tokens per tile (None: all tokens in one block). Tiles hold
+      token_chunk_size: tokens per tile over all rows (None: all tokens in one block); with `[B, T]` targets a
+        block takes `ceil(token_chunk_size / B)` positions of every row. Tiles hold
         `token_chunk_size * chunk_size` float32 logits; the last partial chunk/block is handled without
         padding the weight.
       precision: `jax.lax.Precision` of the matmuls (None: JAX's default, which on GPU/TPU may use reduced
@@ -192,8 +194,11 @@ def token_logprobs_and_entropy(
         dtype = _checks.compute_dtype(hidden, lm_head)
         empty = jnp.zeros(batch_shape, dtype)
         return empty, empty
+    # Rows: every leading axis but the last (token) axis. Token blocks cut across all rows at once, so a
+    # batch axis sharded over devices stays sharded through the block loop (see `split_token_blocks`).
+    rows = math.prod(batch_shape[:-1]) if len(batch_shape) > 1 else 1
     logprobs, entropy = _chunked_logprobs_and_entropy(
-        hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision
+        hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows
     )
     return logprobs.reshape(batch_shape), entropy.reshape(batch_shape)
 

@@ -2,49 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nemotron_jax.model import attention_backends
+from nemotron_jax.model.attention_backends import attention_weights_and_values, masked_attention  # noqa: F401
 from nemotron_jax.model.config import ModelConfig
-
-
-def attention_weights_and_values(
-    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, compute_dtype: Any
-) -> jax.Array:
-    """Softmax attention, scores and softmax in float32.
-
-    query [B, T, Hkv, R, Dh] (R query heads per KV head), key/value [B, S, Hkv, Dh], mask bool [B, T, S].
-    Returns [B, T, Hkv, R, Dh] in `compute_dtype`.
-    """
-    scale = query.shape[-1] ** -0.5
-    scores = jnp.einsum("bthrd,bshd->bhrts", query, key, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-    return jnp.einsum("bhrts,bshd->bthrd", probs, value, preferred_element_type=jnp.float32).astype(compute_dtype)
-
-
-def masked_attention(query: jax.Array, key: jax.Array, value: jax.Array, q_positions: jax.Array,
-                     kv_positions: jax.Array, q_runs: jax.Array, kv_runs: jax.Array, compute_dtype: Any) -> jax.Array:
-    """Causal attention within runs, from explicit positions and runs.
-
-    query [B, T, Hkv, R, Dh], key/value [B, S, Hkv, Dh], q_positions int [T], kv_positions int [S],
-    q_runs [B, T], kv_runs [B, S]: query t sees key s iff kv_positions[s] <= q_positions[t] and the runs match.
-    Returns [B, T, Hkv, R, Dh] in `compute_dtype`.
-    """
-    causal = kv_positions[None, :] <= q_positions[:, None]
-    mask = causal[None] & (q_runs[:, :, None] == kv_runs[:, None, :])
-    return attention_weights_and_values(query, key, value, mask, compute_dtype)
 
 
 class Attention(nn.Module):
     """x [B, T, D] -> [B, T, D].
 
-    Without a cache: causal attention within each run of `run_ids`. With a cache ({"key", "value":
+    Without a cache: causal attention within each run of `run_ids`, by `config.attention_backend` (see
+    `attention_backends`; under context parallelism "xla" stays the einsum and every other backend runs
+    "blockwise", which takes the global positions). With a cache ({"key", "value":
     [B, S, Hkv, Dh]}) and `cache_meta` ({"index": int32 [] filled positions, "run_ids": int32 [B, S] run of
     each cached position, already holding the new tokens' runs}): the new tokens are written at
     `[index, index + T)` and attend to every cached position of their own run up to themselves.
@@ -76,24 +49,34 @@ class Attention(nn.Module):
 
         from nemotron_jax.parallel import context  # late: the parallel package imports the model
 
+        tiles = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+                     compute_dtype=cfg.compute_jnp_dtype)
         if cache is None and (axis := context.active_axis()) is not None:
-            attend = functools.partial(masked_attention, compute_dtype=cfg.compute_jnp_dtype)
+
+            def attend(query, key, value, q_positions, kv_positions, q_runs, kv_runs):
+                backend = attention_backends.resolve_backend(cfg.attention_backend, key.shape[1],
+                                                             cfg.compute_jnp_dtype)
+                return attention_backends.attend(
+                    query, key, value, q_runs, kv_runs, backend="xla" if backend == "xla" else "blockwise",
+                    q_positions=q_positions, kv_positions=kv_positions, **tiles)
+
             out = context.attention(query, key, value, run_ids, axis, attend)
             out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
             return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), None
         if cache is None:
-            positions = jnp.arange(length)
-            mask = (positions[None, :] <= positions[:, None])[None] & (run_ids[:, :, None] == run_ids[:, None, :])
-            new_cache = None
-        else:
-            index = cache_meta["index"]
-            key = lax.dynamic_update_slice_in_dim(cache["key"], key.astype(cache["key"].dtype), index, axis=1)
-            value = lax.dynamic_update_slice_in_dim(cache["value"], value.astype(cache["value"].dtype), index, axis=1)
-            new_cache = {"key": key, "value": value}
-            query_positions = index + jnp.arange(length)
-            key_positions = jnp.arange(key.shape[1])
-            causal = key_positions[None, :] <= query_positions[:, None]  # also excludes unfilled slots
-            mask = causal[None] & (run_ids[:, :, None] == cache_meta["run_ids"][:, None, :])
+            out = attention_backends.attend(query, key, value, run_ids, run_ids, backend=cfg.attention_backend,
+                                            **tiles)
+            out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
+            return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), None
+        # Decode / prefill with a cache: the einsum over the whole cache.
+        index = cache_meta["index"]
+        key = lax.dynamic_update_slice_in_dim(cache["key"], key.astype(cache["key"].dtype), index, axis=1)
+        value = lax.dynamic_update_slice_in_dim(cache["value"], value.astype(cache["value"].dtype), index, axis=1)
+        new_cache = {"key": key, "value": value}
+        query_positions = index + jnp.arange(length)
+        key_positions = jnp.arange(key.shape[1])
+        causal = key_positions[None, :] <= query_positions[:, None]  # also excludes unfilled slots
+        mask = causal[None] & (run_ids[:, :, None] == cache_meta["run_ids"][:, None, :])
         out = attention_weights_and_values(query, key, value, mask, cfg.compute_jnp_dtype)
         out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
         return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), new_cache

@@ -43,6 +43,9 @@ MOE_BACKENDS = ("auto", "scan", "blocks", "ragged_dot", "pallas", "pallas_tpu", 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# The names of `model.attention_backends.BACKENDS` (kept here so the config imports no model code).
+ATTENTION_BACKENDS = ("auto", "xla", "blockwise", "splash", "cudnn")
+
 # Rematerialisation policies a layer kind can use (`ModelConfig.remat_policy`): "none" keeps every activation
 # for the backward pass (no remat); the others name `jax.checkpoint_policies` (what the backward may keep
 # instead of recomputing).
@@ -153,6 +156,15 @@ class ModelConfig:
     # "tokamax". `moe_tile_rows` is their row tile (the block size of "blocks").
     moe_backend: str = "auto"
     moe_tile_rows: int = 128
+    # Attention of the training forward (no decode cache; decoding always uses "xla"), see
+    # `model.attention_backends`: "xla" (einsum, [T, T] float32 scores), "blockwise" (plain-JAX flash
+    # attention, memory linear in T), "splash" (Pallas TPU kernel), "cudnn" (GPU; packed batches fall back to
+    # blockwise at run time; off GPU jax's quadratic "xla" implementation), or "auto": splash on TPU, cudnn on
+    # GPU in bfloat16/float16, else xla up to 2048 tokens and blockwise beyond. `attention_block_q` /
+    # `attention_block_kv`: the query / key tiles of blockwise (splash uses the larger, at least 128).
+    attention_backend: str = "auto"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
     # Layer loop: `scan_layers` runs each periodic stretch of the layer pattern as one `lax.scan` over stacked
     # parameters (compile time independent of depth; see `layer_stack.layer_plan`), else every layer is
     # unrolled. `remat_policy`: a policy of `REMAT_POLICIES` for all layers, or per kind
@@ -232,6 +244,11 @@ class ModelConfig:
                 fail(field, f"unknown dtype {getattr(self, field)!r}; one of {sorted(_DTYPES)}")
         if self.moe_backend not in MOE_BACKENDS:
             fail("moe_backend", f"unknown backend {self.moe_backend!r}; one of {MOE_BACKENDS}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            fail("attention_backend", f"unknown backend {self.attention_backend!r}; one of {ATTENTION_BACKENDS}")
+        for field in ("attention_block_q", "attention_block_kv"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                fail(field, f"must be a positive int, got {getattr(self, field)!r}")
         if self.moe_ep_transport not in ("auto", "ragged_all_to_all", "all_to_all"):
             fail("moe_ep_transport", f"unknown transport {self.moe_ep_transport!r}; one of 'auto', "
                                      "'ragged_all_to_all', 'all_to_all'")
@@ -359,7 +376,8 @@ class ModelConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `NemotronHForCausalLM` loads."""
         skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows", "scan_layers",
-                "remat_policy", "moe_ep_transport"}
+                "remat_policy", "moe_ep_transport", "attention_backend", "attention_block_q",
+                "attention_block_kv"}
         hf: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }

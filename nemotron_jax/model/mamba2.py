@@ -78,6 +78,33 @@ def _segment_sum(log_decay: jax.Array) -> jax.Array:
     return jnp.where(jnp.tril(jnp.ones((length, length), bool)), sums, -jnp.inf)
 
 
+def _within_chunks(x_dt, log_decay, B, C, runs):
+    """Steps 1-2 of `ssd_chunked_scan`: each chunk on its own (state passing is separate).
+
+    x_dt [b, c, l, g, e, p], log_decay [b, c, h, l], B/C [b, c, l, g, n], runs [b, c, l] -> (y_diag
+    [b, c, l, g, e, p], chunk_states [b, c, g, e, p, n], cum_decay [b, c, h, l]).
+    """
+    batch, num_chunks, chunk_size, groups, heads_per_group, _ = x_dt.shape
+    cum_decay = jnp.cumsum(log_decay, axis=-1)
+    same_run = runs[:, :, :, None] == runs[:, :, None, :]  # [b, c, l, s]
+
+    # 1. Within chunks: y_l = sum_{s <= l, same run} exp(sum a_{s+1..l}) (C_l . B_s) x_s dt_s.
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    keep = (causal & same_run)[:, :, None]  # [b, c, 1, l, s]
+    decay = jnp.where(keep, jnp.exp(jnp.where(keep, _segment_sum(log_decay), 0.0)), 0.0)  # [b, c, h, l, s]
+    decay = decay.reshape(batch, num_chunks, groups, heads_per_group, chunk_size, chunk_size)
+    scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)
+    y_diag = jnp.einsum("bcgls,bcgels,bcsgep->bclgep", scores, decay, x_dt)
+
+    # 2. Each chunk's contribution to the state at its last position (same run as that position only).
+    runs_last = runs[:, :, -1]  # [b, c]
+    to_chunk_end = jnp.exp(cum_decay[..., -1:] - cum_decay)  # [b, c, h, l]
+    to_chunk_end = jnp.where((runs == runs_last[..., None])[:, :, None], to_chunk_end, 0.0)
+    to_chunk_end = to_chunk_end.reshape(batch, num_chunks, groups, heads_per_group, chunk_size)
+    chunk_states = jnp.einsum("bcsgn,bcges,bcsgep->bcgepn", B, to_chunk_end, x_dt)
+    return y_diag, chunk_states, cum_decay
+
+
 def ssd_chunked_scan(
     x: jax.Array,
     dt: jax.Array,
@@ -87,6 +114,8 @@ def ssd_chunked_scan(
     run_ids: jax.Array,
     chunk_size: int,
     initial_state: jax.Array | None = None,
+    remat: bool = True,
+    group_tokens: int = 4096,
 ) -> tuple[jax.Array, jax.Array]:
     """Selective state-space scan over full sequences, chunked (SSD), with run-boundary resets.
 
@@ -101,6 +130,12 @@ def ssd_chunked_scan(
       run_ids: int32 [B, T].
       chunk_size: L.
       initial_state: [B, H, P, N] float32 state before position 0 (continuing run of position 0), or None.
+      remat: recompute the within-chunk products in the backward pass (`jax.checkpoint`) instead of keeping
+        their [B, T/L, H, L, L] decay matrix and [B, T/L, G, L, L] scores (L times the inputs' size) alive
+        from the forward; the outputs are the same.
+      group_tokens: the within-chunk products run over groups of `max(1, group_tokens // L)` chunks at a time
+        (`lax.map`), so their [.., L, L] temporaries stay bounded whatever T; rows of at most `group_tokens`
+        tokens take one group (all chunks at once).
 
     Returns:
       y [B, T, H, P] float32 (without the D skip), final_state [B, H, P, N] float32 after position T-1.
@@ -127,25 +162,27 @@ def ssd_chunked_scan(
     runs = runs.reshape(batch, num_chunks, chunk_size)
 
     log_decay = jnp.moveaxis(log_decay, -1, 2)  # [b, c, h, l]
-    cum_decay = jnp.cumsum(log_decay, axis=-1)
-    same_run = runs[:, :, :, None] == runs[:, :, None, :]  # [b, c, l, s]
+    within = jax.checkpoint(_within_chunks) if remat else _within_chunks
+    group = max(1, group_tokens // chunk_size)
+    if num_chunks <= group:
+        y_diag, chunk_states, cum_decay = within(x_dt, log_decay, B, C, runs)
+    else:
+        # Whole groups of chunks; padding chunks (zero input, no decay) are computed and dropped.
+        num_groups = -(-num_chunks // group)
 
-    # 1. Within chunks: y_l = sum_{s <= l, same run} exp(sum a_{s+1..l}) (C_l . B_s) x_s dt_s.
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    keep = (causal & same_run)[:, :, None]  # [b, c, 1, l, s]
-    decay = jnp.where(keep, jnp.exp(jnp.where(keep, _segment_sum(log_decay), 0.0)), 0.0)  # [b, c, h, l, s]
-    decay = decay.reshape(batch, num_chunks, groups, heads_per_group, chunk_size, chunk_size)
-    scores = jnp.einsum("bclgn,bcsgn->bcgls", C, B)
-    y_diag = jnp.einsum("bcgls,bcgels,bcsgep->bclgep", scores, decay, x_dt)
+        def grouped(array):
+            array = jnp.pad(array, [(0, 0), (0, num_groups * group - num_chunks)] + [(0, 0)] * (array.ndim - 2))
+            return jnp.moveaxis(array.reshape(batch, num_groups, group, *array.shape[2:]), 1, 0)
 
-    # 2. Each chunk's contribution to the state at its last position (same run as that position only).
-    runs_last = runs[:, :, -1]  # [b, c]
-    to_chunk_end = jnp.exp(cum_decay[..., -1:] - cum_decay)  # [b, c, h, l]
-    to_chunk_end = jnp.where((runs == runs_last[..., None])[:, :, None], to_chunk_end, 0.0)
-    to_chunk_end = to_chunk_end.reshape(batch, num_chunks, groups, heads_per_group, chunk_size)
-    chunk_states = jnp.einsum("bcsgn,bcges,bcsgep->bcgepn", B, to_chunk_end, x_dt)
+        def ungrouped(array):
+            array = jnp.moveaxis(array, 0, 1)
+            return array.reshape(batch, num_groups * group, *array.shape[3:])[:, :num_chunks]
+
+        outs = lax.map(lambda xs: within(*xs), tuple(grouped(a) for a in (x_dt, log_decay, B, C, runs)))
+        y_diag, chunk_states, cum_decay = (ungrouped(a) for a in outs)
 
     # 3. Across chunks: the state entering chunk c survives it iff no run starts inside it.
+    runs_last = runs[:, :, -1]  # [b, c]
     runs_before = jnp.concatenate([runs[:, :1, 0], runs[:, :-1, -1]], axis=1)  # run of the position before
     survives = (runs_before == runs_last).astype(jnp.float32)  # [b, c]
     chunk_decay = jnp.exp(cum_decay[..., -1]).reshape(batch, num_chunks, groups, heads_per_group)

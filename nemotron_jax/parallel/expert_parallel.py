@@ -94,10 +94,38 @@ def _per_source(received, starts, from_src, rows_per_source, experts):
     return lax.map(block, (starts, from_src))
 
 
-def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_proj, *, num_shards, tensor_axis,
-                           transport, backend, tile_rows, activation):
+def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_proj, *, tokens_per_exchange, **kw):
     """Per device: hidden [n, D], expert_ids / expert_weights [n, k], up_proj [E_l, D, F_l],
-    down_proj [E_l, F_l, D] -> float32 [n, D]."""
+    down_proj [E_l, F_l, D] -> float32 [n, D].
+
+    The n local tokens go through the exchange in chunks of at most `tokens_per_exchange` (a rematerialised
+    `lax.map`): the exchange buffers are sized for the worst case (`ep * chunk * k` rows per device, see the
+    module docstring), so chunking bounds them whatever the number of tokens per device (at 8192 tokens,
+    top-6, ep 8 and hidden 2688, one unchunked bfloat16 receive buffer is 2 GiB, and its float32 gradient 4).
+    A last partial chunk is padded with copies of weight 0 (zero rows: no effect on any gradient).
+    """
+    num_tokens = hidden.shape[0]
+    num_chunks = max(1, -(-num_tokens // tokens_per_exchange))
+    if num_chunks == 1 or kw["num_shards"] == 1:  # no exchange: nothing worst-case-sized to bound
+        return _exchange_and_compute(hidden, expert_ids, expert_weights, up_proj, down_proj, **kw)
+    chunk = -(-num_tokens // num_chunks)
+    pad = num_chunks * chunk - num_tokens
+
+    def chunks(x):
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
+        return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+    @jax.checkpoint
+    def one_chunk(args):
+        return _exchange_and_compute(*args, up_proj, down_proj, **kw)
+
+    out = lax.map(one_chunk, (chunks(hidden), chunks(expert_ids), chunks(expert_weights)))
+    return out.reshape((num_chunks * chunk,) + out.shape[2:])[:num_tokens]
+
+
+def _exchange_and_compute(hidden, expert_ids, expert_weights, up_proj, down_proj, *, num_shards, tensor_axis,
+                          transport, backend, tile_rows, activation):
+    """One chunk of `_expert_parallel_local`: hidden [n, D], expert_ids / expert_weights [n, k] -> float32 [n, D]."""
     num_tokens, top_k = expert_ids.shape
     num_local = up_proj.shape[0]
     num_experts = num_local * num_shards
@@ -164,6 +192,7 @@ def expert_parallel_dispatch(
     backend: str = "scan",
     tile_rows: int = 128,
     activation: Callable[[jax.Array], jax.Array] = relu2,
+    tokens_per_exchange: int = 1024,
 ) -> jax.Array:
     """`dispatch_experts` with the experts split over the `expert` mesh axis (see the module docstring).
 
@@ -173,6 +202,8 @@ def expert_parallel_dispatch(
       mesh: default: the context mesh (`jax.sharding.get_abstract_mesh()`); axes already manual (inside an
         enclosing shard_map, e.g. context parallelism) are left alone.
       transport: "auto", "ragged_all_to_all" or "all_to_all".
+      tokens_per_exchange: each device's tokens go through the exchange in chunks of at most this many,
+        which bounds the worst-case-sized exchange buffers (see `_expert_parallel_local`).
 
     Returns:
       float32 [N, D].
@@ -186,6 +217,8 @@ def expert_parallel_dispatch(
     num_shards = sizes.get(EXPERT, 1) if EXPERT in auto else 1
     tensor_axis = TENSOR if TENSOR in auto and sizes[TENSOR] > 1 else None
     num_experts = up_proj.shape[0]
+    if tokens_per_exchange < 1:
+        raise ValueError(f"expert_parallel_dispatch: tokens_per_exchange must be >= 1, got {tokens_per_exchange}")
     if num_experts % num_shards:
         raise ValueError(f"mesh axis expert={num_shards} does not divide the {num_experts} routed experts "
                          f"(dimension 0 of the expert weights {tuple(up_proj.shape)})")
@@ -203,8 +236,8 @@ def expert_parallel_dispatch(
     expert_axis = EXPERT if num_shards > 1 else None
     local = jax.shard_map(
         lambda *args: _expert_parallel_local(
-            *args, num_shards=num_shards, tensor_axis=tensor_axis, transport=resolve_transport(transport),
-            backend=backend, tile_rows=tile_rows, activation=activation),
+            *args, tokens_per_exchange=tokens_per_exchange, num_shards=num_shards, tensor_axis=tensor_axis,
+            transport=resolve_transport(transport), backend=backend, tile_rows=tile_rows, activation=activation),
         mesh=mesh,
         in_specs=(tokens, tokens, tokens, P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)),
         out_specs=tokens,
@@ -217,10 +250,18 @@ def expert_parallel_dispatch(
 
 
 def _hook(hidden, expert_ids, expert_weights, up_proj, down_proj, *, transport, backend, tile_rows, activation):
-    """The MoE layer's hook: expert-parallel dispatch when the context mesh has an `expert` axis, else None
-    (the layer then runs the single-program `dispatch_experts`)."""
+    """The MoE layer's hook: under a context mesh with an `expert` axis, or with any automatic axis that splits
+    the tokens (data, fsdp, ...), the shard_map dispatch of this module; else None (the layer then runs the
+    single-program `dispatch_experts`). Without an expert axis this still matters: left to GSPMD, the sort of
+    all token copies by expert is global, so every device would gather and sort every data shard's tokens (at
+    256K tokens per row on fsdp 8 x context 8, 16 GiB buffers of all 8 rows' copies on each device)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or EXPERT not in mesh.axis_names:
+    if mesh.empty:
+        return None
+    manual = set(getattr(mesh, "manual_axes", ()))
+    splits_tokens = any(size > 1 and name not in manual and name != TENSOR
+                        for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+    if EXPERT not in mesh.axis_names and not splits_tokens:
         return None
     return expert_parallel_dispatch(hidden, expert_ids, expert_weights, up_proj, down_proj, mesh=mesh,
                                     transport=transport, backend=backend, tile_rows=tile_rows, activation=activation)

@@ -139,6 +139,35 @@ def test_out_of_range_targets_give_nan_and_no_gradient():
     assert np.all(np.isfinite(grad)) and np.all(grad[0, 1:3] == 0.0) and np.any(grad[0, 0] != 0.0)
 
 
+def test_rows_with_padded_token_blocks_match_reference():
+    """[3, 10] tokens, 7 tokens per tile: blocks of 3 positions per row, the last block padded in every row."""
+    hidden, lm_head, targets, c, d = random_problem(11, shape=(3, 10), scale=2.0)
+    got = value_and_grads(hidden, lm_head, targets, c, d, chunk_size=8, token_chunk_size=7)
+    expected = reference(hidden, lm_head, targets, c, d)
+    for name, g, e in zip(("logprobs", "entropy", "hidden grad", "lm_head grad"), got, expected):
+        np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_batch_sharded_hidden_is_never_gathered():
+    """With the batch axis sharded over 4 devices, the compiled forward+backward holds no all-gather of the
+    [B, T, D] hidden states: token blocks cut across rows, so the block loop slices an unsharded axis."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    batch, length, hidden_size, vocab = 8, 64, 24, 40
+    rows = NamedSharding(mesh, P("data"))
+    args = (jax.ShapeDtypeStruct((batch, length, hidden_size), jnp.float32, sharding=rows),
+            jax.ShapeDtypeStruct((hidden_size, vocab), jnp.float32, sharding=NamedSharding(mesh, P())),
+            jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows))
+
+    def loss(h, w, t):
+        return jnp.sum(token_logprobs(h, w, t, chunk_size=16, token_chunk_size=64))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+    gathered = [line for line in hlo.splitlines() if "all-gather" in line and f"{length},{hidden_size}]" in line]
+    assert not gathered, gathered[:2]
+
+
 def test_jit_any_leading_shape():
     hidden, lm_head, targets, c, d = random_problem(8, shape=(2, 3, 4))
     lp = jax.jit(lambda h, w, t: token_logprobs(h, w, t, chunk_size=16, token_chunk_size=5))(

@@ -58,6 +58,8 @@ def test_bfloat16_policy_keeps_router_float32():
     ("topk_group", 2, "topk_group"),
     ("param_dtype", "float8", "param_dtype"),
     ("moe_backend", "dense", "moe_backend"),
+    ("attention_backend", "flash", "attention_backend"),
+    ("attention_block_q", 0, "attention_block_q"),
     ("hidden_size", 0, "hidden_size"),
     ("mlp_hidden_act", "tanh", "mlp_hidden_act"),
     ("moe_latent_size", 0, "moe_latent_size"),

@@ -139,11 +139,14 @@ def test_every_remat_policy_gives_the_same_grads(setup):
     remat_cfg = scan_cfg.replace(remat_policy=ALL_POLICIES)
     _, grads, _ = _jitted_step(remat_cfg)(scan_params, tokens, segment_ids)
     _assert_trees_close(grads, expected, 1e-5)
-    # The policies are really applied, scanned and unrolled: the backward recomputes (remat in the jaxpr).
-    for config in (remat_cfg, cfg.replace(remat_policy="nothing_saveable")):
-        tree = scan_params if config.scan_layers else params
-        assert "remat" in str(jax.make_jaxpr(_step(config))(tree, tokens, segment_ids))
-    assert "remat" not in str(jax.make_jaxpr(_step(scan_cfg))(scan_params, tokens, segment_ids))
+    # The policies are really applied, scanned and unrolled: the backward recomputes (more remat in the jaxpr
+    # than without a policy, where only the SSD scan's within-chunk remat is).
+    def remats(config, tree):
+        return str(jax.make_jaxpr(_step(config))(tree, tokens, segment_ids)).count("remat")
+
+    for base, tree in ((scan_cfg, scan_params), (cfg, params)):
+        config = remat_cfg if base.scan_layers else cfg.replace(remat_policy="nothing_saveable")
+        assert remats(config, tree) > remats(base, tree)
 
 
 def test_param_names_round_trip_through_hf_and_orbax(setup, tmp_path):

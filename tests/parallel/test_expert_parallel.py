@@ -92,12 +92,15 @@ def _dispatch_problem(num_tokens=32, dim=8, width=6, experts=8, top_k=2, adversa
     return hidden, jnp.asarray(ids), weights, up, down
 
 
-@pytest.mark.parametrize("mesh_spec", ["expert=8", "fsdp=2,expert=2,tensor=2"])
-@pytest.mark.parametrize("adversarial", [False, True])
-def test_dispatch_drops_nothing_and_differentiates(mesh_spec, adversarial):
+@pytest.mark.parametrize("mesh_spec,adversarial,tokens_per_exchange", [
+    ("expert=8", False, 1024), ("expert=8", True, 1024),
+    ("fsdp=2,expert=2,tensor=2", False, 1024), ("fsdp=2,expert=2,tensor=2", True, 1024),
+    ("expert=4,data=2", True, 3),  # 4 local tokens in 2 exchanges of 3 (the last padded)
+])
+def test_dispatch_drops_nothing_and_differentiates(mesh_spec, adversarial, tokens_per_exchange):
     """Every token's copies come back, whatever the routing (adversarial: all tokens to the same two experts,
     both on one device), and gradients w.r.t. tokens, routing weights and expert weights match
-    `dispatch_experts`."""
+    `dispatch_experts`; also when each device's tokens go through the exchange in several chunks."""
     hidden, ids, weights, up, down = _dispatch_problem(adversarial=adversarial)
     mesh = parallel.make_mesh(mesh_spec)
 
@@ -110,7 +113,7 @@ def test_dispatch_drops_nothing_and_differentiates(mesh_spec, adversarial):
     (ref_value, ref_out), ref_grads = jax.jit(objective(lambda *a: dispatch_experts(*a, tile_rows=8)))(
         hidden, weights, up, down)
     ep = objective(lambda *a: parallel.expert_parallel_dispatch(*a, mesh=mesh, transport="all_to_all",
-                                                                tile_rows=8))
+                                                                tile_rows=8, tokens_per_exchange=tokens_per_exchange))
     (value, out), grads = jax.jit(ep)(hidden, weights, up, down)
     assert _rel_err(out, ref_out) <= 1e-5
     assert np.all(np.abs(np.asarray(out)).sum(-1) > 0)  # no token lost its experts' output
