@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nemotron_jax.kernels.grouped_matmul import aligned_group_sizes, aligned_num_rows, gmm, resolve_backend
+from nemotron_jax.kernels.grouped_matmul import (aligned_group_sizes, aligned_num_rows, blocks_moe, gmm,
+                                                 resolve_backend)
 from nemotron_jax.model.config import ModelConfig
 from nemotron_jax.model.activations import ACTIVATIONS, relu2
 from nemotron_jax.model.logical import constrain
@@ -209,6 +210,10 @@ def dispatch_experts(
     num_experts = up_proj.shape[0]
     align = tile_rows if backend == "blocks" else 1
     layout = expert_layout(expert_ids, num_experts, align=align)
+    if backend == "blocks":  # gather, both matmuls and combine per block, no [R, D] buffers: see `blocks_moe`
+        row_weight = _pad_one_row(expert_weights.reshape(-1).astype(jnp.float32))[layout.row_weight_index]
+        return blocks_moe(hidden, layout.row_token, row_weight, up_proj, down_proj, layout.group_sizes,
+                          tile_rows=tile_rows, activation=activation)
     rows = gather_token_rows(hidden, layout.row_token, layout.row_of_copy)
     kwargs = dict(backend=backend, tile_rows=tile_rows, groups_aligned=align > 1)
     up = gmm(rows, up_proj, layout.group_sizes, preferred_element_type=hidden.dtype, **kwargs)

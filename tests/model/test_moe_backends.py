@@ -8,6 +8,7 @@ backend compiles once while the cases (empty experts, every token on one expert,
 Pallas backends run in interpret mode ("pallas_tpu", "pallas_gpu", "megablox"); tokamax runs "xla"."""
 
 import functools
+import re
 
 import jax
 import jax.extend
@@ -199,3 +200,29 @@ def test_jaxpr_walk_catches_a_dense_dispatch():
 
     shapes = [aval.shape for _, aval in _avals(jax.make_jaxpr(dense)(x).jaxpr)]
     assert (TOKENS, EXPERTS, WIDTH) in shapes
+
+
+def _compiled_shapes(backend):
+    """Every array shape in the optimised XLA:CPU program of the layer's forward+backward."""
+    params, x, probe = _setup("float32")
+    ids = jnp.asarray(_edge_routings()["uniform"], jnp.int32)
+    text = _compiled(backend, "float32").lower(params, x, probe, ids).compile().as_text()
+    return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\b[a-z]+[0-9]*\[([0-9,]+)\]", text)}
+
+
+def _tokens_by_experts_by_features(shapes):
+    return [s for s in shapes if any(d >= TOKENS for d in s) and EXPERTS in s and (HIDDEN in s or WIDTH in s)]
+
+
+def test_cpu_default_compiles_without_tokens_by_experts_buffers():
+    """Below the jaxpr: XLA:CPU's program for "blocks" (the CPU default) has no such buffer either."""
+    shapes = _compiled_shapes("blocks")
+    assert len(shapes) > 10
+    assert not _tokens_by_experts_by_features(shapes)
+
+
+def test_xla_cpu_ragged_dot_builds_the_dense_buffer():
+    """Why "ragged_dot" (and tokamax's "xla" implementation, which calls it) is slow on CPU: XLA:CPU lowers
+    `lax.ragged_dot` to a masked dense product over all experts. Documents the README's claim; if XLA stops
+    doing this, update the README's MoE figures."""
+    assert _tokens_by_experts_by_features(_compiled_shapes("ragged_dot"))
