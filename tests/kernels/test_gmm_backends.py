@@ -98,7 +98,8 @@ def _check(backend, dtype, local, sizes, offset, seed=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_matches_reference_on_edge_cases(backend, dtype):
     for case, sizes in EDGE_SIZES.items():
-        _check(backend, dtype, False, sizes, 0)
+        if dtype == "float32":  # bfloat16 without an offset: tests/model/test_moe_backends.py (CI time)
+            _check(backend, dtype, False, sizes, 0)
         # Local groups 2..4 of 6 (expert-sharded weights): rows of groups 0, 1 and 5 must come out zero.
         _check(backend, dtype, True, sizes, 2)
     _check(backend, dtype, True, EDGE_SIZES["empty_groups_and_partial_tiles"], 0)  # offset 0, L < G
