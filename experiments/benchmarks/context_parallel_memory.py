@@ -51,29 +51,22 @@ flags.DEFINE_string("config", "nano_30b_a3b", "ModelConfig preset.")
 flags.DEFINE_string("layer_pattern", None, "Override the preset's layer pattern (e.g. fewer layers).")
 flags.DEFINE_integer("tokens", 262144, "Tokens per row.")
 flags.DEFINE_integer("rows", 1, "Rows per data shard.")
-flags.DEFINE_string("mesh", "fsdp=8,context=8", "Mesh axes name=size; needs a 'context' axis.")
+flags.DEFINE_string("mesh", "expert=8,context=8", "Mesh axes name=size; needs a 'context' axis.")
 flags.DEFINE_multi_string("override", [], "ModelConfig field=value overrides (value parsed as JSON if it can).")
 
 GIB = 2**30
 
 
-def _parse_mesh(text: str) -> dict[str, int]:
-    sizes = {}
-    for item in filter(None, text.split(",")):
-        name, _, size = item.partition("=")
-        sizes[name.strip()] = int(size)
-    if CONTEXT_AXIS not in sizes:
-        raise app.UsageError(f"--mesh={text!r} has no {CONTEXT_AXIS!r} axis")
-    return sizes
-
-
 def main(argv):
     del argv
-    sizes = _parse_mesh(FLAGS.mesh)
-    devices = math.prod(sizes.values())
+    mesh_config = parallel.MeshConfig.from_string(FLAGS.mesh)
+    devices = math.prod(size for _, size in mesh_config.axes)
     if devices > jax.device_count():
         raise app.UsageError(f"--mesh needs {devices} devices; XLA_FLAGS gives {jax.device_count()}")
-    mesh = parallel.make_mesh(FLAGS.mesh, devices=jax.devices()[:devices])
+    mesh = parallel.make_mesh(mesh_config, devices=jax.devices()[:devices])
+    if CONTEXT_AXIS not in mesh.axis_names:
+        raise app.UsageError(f"--mesh={FLAGS.mesh!r} has no {CONTEXT_AXIS!r} axis")
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     overrides = {}
     for item in FLAGS.override:
         name, _, value = item.partition("=")
@@ -90,9 +83,9 @@ def main(argv):
     param_shardings = parallel.param_shardings(params, mesh)
     params = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                           params, param_shardings)
-    batch_axes = tuple(name for name in ("data", "fsdp", "expert") if sizes.get(name, 1) > 1)
-    rows = FLAGS.rows * math.prod(sizes.get(name, 1) for name in batch_axes)
-    token_sharding = NamedSharding(mesh, P(batch_axes or None, CONTEXT_AXIS))
+    batch_axes = parallel.batch_axes(mesh)
+    rows = FLAGS.rows * math.prod(sizes[name] for name in batch_axes)
+    token_sharding = NamedSharding(mesh, P(batch_axes, CONTEXT_AXIS))
     tokens = jax.ShapeDtypeStruct((rows, FLAGS.tokens), jnp.int32, sharding=token_sharding)
 
     def token_logprobs(p, tok, targets, segment_ids):

@@ -60,24 +60,22 @@ class Attention(nn.Module):
                     query, key, value, q_runs, kv_runs, backend="xla" if backend == "xla" else "blockwise",
                     q_positions=q_positions, kv_positions=kv_positions, **tiles)
 
-            out = context.attention(query, key, value, run_ids, axis, attend)
-            out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
-            return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), None
-        if cache is None:
+            out, new_cache = context.attention(query, key, value, run_ids, axis, attend), None
+        elif cache is None:
             out = attention_backends.attend(query, key, value, run_ids, run_ids, backend=cfg.attention_backend,
                                             **tiles)
-            out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
-            return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), None
-        # Decode / prefill with a cache: the einsum over the whole cache.
-        index = cache_meta["index"]
-        key = lax.dynamic_update_slice_in_dim(cache["key"], key.astype(cache["key"].dtype), index, axis=1)
-        value = lax.dynamic_update_slice_in_dim(cache["value"], value.astype(cache["value"].dtype), index, axis=1)
-        new_cache = {"key": key, "value": value}
-        query_positions = index + jnp.arange(length)
-        key_positions = jnp.arange(key.shape[1])
-        causal = key_positions[None, :] <= query_positions[:, None]  # also excludes unfilled slots
-        mask = causal[None] & (run_ids[:, :, None] == cache_meta["run_ids"][:, None, :])
-        out = attention_weights_and_values(query, key, value, mask, cfg.compute_jnp_dtype)
+            new_cache = None
+        else:  # decode / prefill with a cache: the einsum over the whole cache
+            index = cache_meta["index"]
+            key = lax.dynamic_update_slice_in_dim(cache["key"], key.astype(cache["key"].dtype), index, axis=1)
+            value = lax.dynamic_update_slice_in_dim(cache["value"], value.astype(cache["value"].dtype), index,
+                                                    axis=1)
+            new_cache = {"key": key, "value": value}
+            query_positions = index + jnp.arange(length)
+            key_positions = jnp.arange(key.shape[1])
+            causal = key_positions[None, :] <= query_positions[:, None]  # also excludes unfilled slots
+            mask = causal[None] & (run_ids[:, :, None] == cache_meta["run_ids"][:, None, :])
+            out = attention_weights_and_values(query, key, value, mask, cfg.compute_jnp_dtype)
         out = out.reshape(batch, length, cfg.num_attention_heads * head_dim)
         return nn.Dense(cfg.hidden_size, name="o_proj", **dense)(out), new_cache
 

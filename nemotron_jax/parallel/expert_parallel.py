@@ -37,6 +37,7 @@ context mesh (`parallel.activate(mesh)`, i.e. `jax.set_mesh`) has an `expert` ax
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -60,6 +61,18 @@ def resolve_transport(transport: str, platform: str | None = None) -> str:
         return transport
     platform = platform or jax.default_backend()
     return "ragged_all_to_all" if platform in ("tpu", "gpu", "cuda", "rocm") else "all_to_all"
+
+
+def _auto_axes(mesh) -> list[str]:
+    """The mesh axes the dispatch's shard_map maps over: those not already manual (e.g. `context`)."""
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return [name for name in mesh.axis_names if name not in manual]
+
+
+def _token_split_axes(mesh) -> tuple[str, ...]:
+    """The automatic mesh axes of more than one device that split the tokens (all but `tensor`)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return tuple(name for name in _auto_axes(mesh) if name != TENSOR and sizes[name] > 1)
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -211,9 +224,8 @@ def expert_parallel_dispatch(
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh.empty:
         raise ValueError("expert_parallel_dispatch: no mesh (pass one or trace under parallel.activate(mesh))")
-    manual = set(getattr(mesh, "manual_axes", ()))
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    auto = [name for name in mesh.axis_names if name not in manual]
+    auto = _auto_axes(mesh)
     num_shards = sizes.get(EXPERT, 1) if EXPERT in auto else 1
     tensor_axis = TENSOR if TENSOR in auto and sizes[TENSOR] > 1 else None
     num_experts = up_proj.shape[0]
@@ -222,10 +234,8 @@ def expert_parallel_dispatch(
     if num_experts % num_shards:
         raise ValueError(f"mesh axis expert={num_shards} does not divide the {num_experts} routed experts "
                          f"(dimension 0 of the expert weights {tuple(up_proj.shape)})")
-    token_axes = tuple(name for name in auto if name != TENSOR and sizes[name] > 1)
-    token_split = 1
-    for name in token_axes:
-        token_split *= sizes[name]
+    token_axes = _token_split_axes(mesh)
+    token_split = math.prod(sizes[name] for name in token_axes)
     num_tokens = hidden.shape[0]
     pad = (-num_tokens) % token_split
     if pad:  # e.g. a decode step of fewer rows than devices: padding copies carry weight 0
@@ -258,10 +268,7 @@ def _hook(hidden, expert_ids, expert_weights, up_proj, down_proj, *, transport, 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
-    manual = set(getattr(mesh, "manual_axes", ()))
-    splits_tokens = any(size > 1 and name not in manual and name != TENSOR
-                        for name, size in zip(mesh.axis_names, mesh.axis_sizes))
-    if EXPERT not in mesh.axis_names and not splits_tokens:
+    if EXPERT not in mesh.axis_names and not _token_split_axes(mesh):
         return None
     return expert_parallel_dispatch(hidden, expert_ids, expert_weights, up_proj, down_proj, mesh=mesh,
                                     transport=transport, backend=backend, tile_rows=tile_rows, activation=activation)
