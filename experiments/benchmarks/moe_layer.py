@@ -39,7 +39,8 @@ flags.DEFINE_integer("top_k", 6, "Experts per token k.")
 flags.DEFINE_integer("width", None, "Routed expert width F (default 384 / 1856).")
 flags.DEFINE_integer("shared", None, "Shared expert width S (default 768 / 3712).")
 flags.DEFINE_string("dtype", None, "float32 or bfloat16 (default float32 on CPU, bfloat16 elsewhere).")
-flags.DEFINE_integer("tile_rows", 128, "ModelConfig.moe_tile_rows.")
+flags.DEFINE_integer("tile_rows", None, "ModelConfig.moe_tile_rows (default: ModelConfig's default).")
+flags.DEFINE_integer("visit_tiles", None, "ModelConfig.moe_visit_tiles (default: ModelConfig's default).")
 flags.DEFINE_integer("repeats", 7, "Timed runs per measurement (median reported).")
 flags.DEFINE_string("child", None, "Internal: measure this one backend here and print JSON.")
 
@@ -86,6 +87,14 @@ def _shape():
     return platform, dict(shape, top_k=FLAGS.top_k)
 
 
+def _dispatch_overrides() -> dict:
+    """The dispatch settings: the flags, else ModelConfig's defaults (not the "tiny" preset's test-sized tile)."""
+    from nemotron_jax.model.config import ModelConfig
+
+    return {"moe_tile_rows": FLAGS.tile_rows or ModelConfig.moe_tile_rows,
+            "moe_visit_tiles": FLAGS.visit_tiles or ModelConfig.moe_visit_tiles}
+
+
 def measure(name: str) -> dict:
     """Time one backend's MoE layer and, alternating with it, the dense chain of equal FLOPs."""
     import jax
@@ -112,7 +121,7 @@ def measure(name: str) -> dict:
     dense_args = (x[0], w1, w2)
     cfg = ModelConfig.preset("tiny", hidden_size=d, n_routed_experts=e, num_experts_per_tok=k, n_group=1,
                              topk_group=1, moe_intermediate_size=f, moe_shared_expert_intermediate_size=s,
-                             moe_backend=name, moe_tile_rows=FLAGS.tile_rows, param_dtype=dtype,
+                             moe_backend=name, param_dtype=dtype, **_dispatch_overrides(),
                              compute_dtype=dtype, initializer_range=d ** -0.5)
     layer = MoE(cfg)
     params = layer.init(jax.random.key(0), x)["params"]
@@ -159,7 +168,7 @@ def main(argv):
     n, d, e, k, f, s = (shape[key] for key in ("tokens", "hidden", "experts", "top_k", "width", "shared"))
     results = {
         "platform": platform, "device": str(jax.devices()[0].device_kind), "shape": shape,
-        "tile_rows": FLAGS.tile_rows, "repeats": FLAGS.repeats, "slow_call_s": SLOW_S,
+        **_dispatch_overrides(), "repeats": FLAGS.repeats, "slow_call_s": SLOW_S,
         "active_matmul_flops_fwd": 2 * n * d * (k * f + s) * 2, "router_flops_fwd": 2 * n * d * e,
         "dense_chain": f"x [{n}, {d}] @ [{d}, {k * f + s}] -> relu^2 -> @ [{k * f + s}, {d}]",
         "skipped": skipped, "backends": {},

@@ -186,8 +186,9 @@ def dispatch_experts(
     down_proj: jax.Array,
     *,
     backend: str = "auto",
-    tile_rows: int = 128,
+    tile_rows: int = 64,
     activation: Callable[[jax.Array], jax.Array] = relu2,
+    visit_tiles: int = 8,
 ) -> jax.Array:
     """Dropless routed-expert computation: `sum_k w_k * down_e(act(up_e(x)))` with e = expert_ids[:, k].
 
@@ -201,7 +202,8 @@ def dispatch_experts(
       expert_ids: int32 [N, k]; expert_weights: float32 [N, k].
       up_proj: [E, D, F]; down_proj: [E, F, D] (already in the compute dtype).
       backend: a `kernels.grouped_matmul.BACKENDS` name; "auto" picks per platform ("blocks" on CPU).
-      tile_rows: row tile of the grouped matmul (the block size of "blocks").
+      tile_rows: row tile of the grouped matmul (the alignment of each expert's rows for "blocks").
+      visit_tiles: "blocks" only: the largest product of one scan step, in tiles (see `blocks_moe`).
 
     Returns:
       float32 [N, D].
@@ -213,7 +215,7 @@ def dispatch_experts(
     if backend == "blocks":  # gather, both matmuls and combine per block, no [R, D] buffers: see `blocks_moe`
         row_weight = _pad_one_row(expert_weights.reshape(-1).astype(jnp.float32))[layout.row_weight_index]
         return blocks_moe(hidden, layout.row_token, row_weight, up_proj, down_proj, layout.group_sizes,
-                          tile_rows=tile_rows, activation=activation)
+                          tile_rows=tile_rows, activation=activation, visit_tiles=visit_tiles)
     rows = gather_token_rows(hidden, layout.row_token, layout.row_of_copy)
     kwargs = dict(backend=backend, tile_rows=tile_rows, groups_aligned=align > 1)
     up = gmm(rows, up_proj, layout.group_sizes, preferred_element_type=hidden.dtype, **kwargs)
@@ -260,7 +262,7 @@ class MoE(nn.Module):
         dispatch_args = (expert_inputs, routing.expert_ids, routing.expert_weights, up_proj.astype(compute),
                          down_proj.astype(compute))
         dispatch_kwargs = dict(backend=cfg.moe_backend, tile_rows=cfg.moe_tile_rows,
-                               activation=ACTIVATIONS[cfg.mlp_hidden_act])
+                               activation=ACTIVATIONS[cfg.mlp_hidden_act], visit_tiles=cfg.moe_visit_tiles)
         routed = None
         if _expert_parallel_hook is not None:
             routed = _expert_parallel_hook(*dispatch_args, transport=cfg.moe_ep_transport, **dispatch_kwargs)

@@ -137,8 +137,12 @@ def _expert_parallel_local(hidden, expert_ids, expert_weights, up_proj, down_pro
 
 
 def _exchange_and_compute(hidden, expert_ids, expert_weights, up_proj, down_proj, *, num_shards, tensor_axis,
-                          transport, backend, tile_rows, activation):
+                          transport, backend, tile_rows, activation, visit_tiles):
     """One chunk of `_expert_parallel_local`: hidden [n, D], expert_ids / expert_weights [n, k] -> float32 [n, D]."""
+    if num_shards == 1:  # every expert is local: the single-program dispatch (on CPU the fused "blocks" path)
+        combined = moe_lib.dispatch_experts(hidden, expert_ids, expert_weights, up_proj, down_proj, backend=backend,
+                                            tile_rows=tile_rows, activation=activation, visit_tiles=visit_tiles)
+        return lax.psum(combined, tensor_axis) if tensor_axis is not None else combined
     num_tokens, top_k = expert_ids.shape
     num_local = up_proj.shape[0]
     num_experts = num_local * num_shards
@@ -153,38 +157,35 @@ def _exchange_and_compute(hidden, expert_ids, expert_weights, up_proj, down_proj
         return _grouped_experts(block_rows, group_sizes, up_proj, down_proj, backend=backend, tile_rows=tile_rows,
                                 activation=activation)
 
-    if num_shards == 1:
-        out_sorted = experts(rows, counts)
+    me = lax.axis_index(EXPERT)
+    sizes = lax.all_gather(counts, EXPERT).reshape(num_shards, num_shards, num_local)  # [src, dst, e_l]
+    pair = sizes.sum(-1)  # [src, dst] copies sent from src to dst
+    send_sizes = pair[me]  # [ep]
+    recv_sizes = pair[:, me]  # [ep]
+    from_src = lax.dynamic_index_in_dim(sizes, me, axis=1, keepdims=False)  # [src, e_l]
+    send_starts = _exclusive_cumsum(send_sizes)
+    block_starts = jnp.arange(num_shards, dtype=jnp.int32) * copies
+    if transport == "all_to_all":
+        capacity = copies  # worst case: every local copy goes to one device
+        slot = jnp.arange(capacity, dtype=jnp.int32)
+        gather = jnp.minimum(send_starts[:, None] + slot[None], copies - 1)  # [ep, C]
+        send = jnp.where((slot[None] < send_sizes[:, None])[..., None], rows[gather], jnp.zeros((), dtype))
+        received = lax.all_to_all(send.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
+        out = _per_source(received, block_starts, from_src, capacity, experts)
+        back = lax.all_to_all(out.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
+        destination = flat_ids[order] // num_local  # block j of `back` came from device j
+        position = destination * capacity + jnp.arange(copies, dtype=jnp.int32) - send_starts[destination]
+        out_sorted = back[position]
+    elif transport == "ragged_all_to_all":
+        received = lax.ragged_all_to_all(
+            rows, jnp.zeros((num_shards * copies, rows.shape[1]), dtype), send_starts, send_sizes,
+            _exclusive_cumsum(pair, axis=0)[me], recv_sizes, axis_name=EXPERT)
+        out = _per_source(received, _exclusive_cumsum(recv_sizes), from_src, copies, experts)
+        out_sorted = lax.ragged_all_to_all(
+            out.reshape(num_shards * copies, -1), jnp.zeros((copies, rows.shape[1]), dtype), block_starts,
+            recv_sizes, _exclusive_cumsum(pair, axis=1)[:, me], send_sizes, axis_name=EXPERT)
     else:
-        me = lax.axis_index(EXPERT)
-        sizes = lax.all_gather(counts, EXPERT).reshape(num_shards, num_shards, num_local)  # [src, dst, e_l]
-        pair = sizes.sum(-1)  # [src, dst] copies sent from src to dst
-        send_sizes = pair[me]  # [ep]
-        recv_sizes = pair[:, me]  # [ep]
-        from_src = lax.dynamic_index_in_dim(sizes, me, axis=1, keepdims=False)  # [src, e_l]
-        send_starts = _exclusive_cumsum(send_sizes)
-        block_starts = jnp.arange(num_shards, dtype=jnp.int32) * copies
-        if transport == "all_to_all":
-            capacity = copies  # worst case: every local copy goes to one device
-            slot = jnp.arange(capacity, dtype=jnp.int32)
-            gather = jnp.minimum(send_starts[:, None] + slot[None], copies - 1)  # [ep, C]
-            send = jnp.where((slot[None] < send_sizes[:, None])[..., None], rows[gather], jnp.zeros((), dtype))
-            received = lax.all_to_all(send.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
-            out = _per_source(received, block_starts, from_src, capacity, experts)
-            back = lax.all_to_all(out.reshape(num_shards * capacity, -1), EXPERT, 0, 0, tiled=True)
-            destination = flat_ids[order] // num_local  # block j of `back` came from device j
-            position = destination * capacity + jnp.arange(copies, dtype=jnp.int32) - send_starts[destination]
-            out_sorted = back[position]
-        elif transport == "ragged_all_to_all":
-            received = lax.ragged_all_to_all(
-                rows, jnp.zeros((num_shards * copies, rows.shape[1]), dtype), send_starts, send_sizes,
-                _exclusive_cumsum(pair, axis=0)[me], recv_sizes, axis_name=EXPERT)
-            out = _per_source(received, _exclusive_cumsum(recv_sizes), from_src, copies, experts)
-            out_sorted = lax.ragged_all_to_all(
-                out.reshape(num_shards * copies, -1), jnp.zeros((copies, rows.shape[1]), dtype), block_starts,
-                recv_sizes, _exclusive_cumsum(pair, axis=1)[:, me], send_sizes, axis_name=EXPERT)
-        else:
-            raise ValueError(f"expert-parallel transport {transport!r}: one of {TRANSPORTS[1:]}")
+        raise ValueError(f"expert-parallel transport {transport!r}: one of {TRANSPORTS[1:]}")
 
     weighted = out_sorted.astype(jnp.float32) * expert_weights.reshape(-1)[order][:, None]
     combined = jnp.zeros_like(weighted).at[order].set(weighted).reshape(num_tokens, top_k, -1).sum(axis=1)
@@ -203,9 +204,10 @@ def expert_parallel_dispatch(
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     transport: str = "auto",
     backend: str = "scan",
-    tile_rows: int = 128,
+    tile_rows: int = 64,
     activation: Callable[[jax.Array], jax.Array] = relu2,
     tokens_per_exchange: int = 1024,
+    visit_tiles: int = 8,
 ) -> jax.Array:
     """`dispatch_experts` with the experts split over the `expert` mesh axis (see the module docstring).
 
@@ -247,7 +249,8 @@ def expert_parallel_dispatch(
     local = jax.shard_map(
         lambda *args: _expert_parallel_local(
             *args, tokens_per_exchange=tokens_per_exchange, num_shards=num_shards, tensor_axis=tensor_axis,
-            transport=resolve_transport(transport), backend=backend, tile_rows=tile_rows, activation=activation),
+            transport=resolve_transport(transport), backend=backend, tile_rows=tile_rows, activation=activation,
+            visit_tiles=visit_tiles),
         mesh=mesh,
         in_specs=(tokens, tokens, tokens, P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)),
         out_specs=tokens,
@@ -259,7 +262,8 @@ def expert_parallel_dispatch(
     return out[:num_tokens] if pad else out
 
 
-def _hook(hidden, expert_ids, expert_weights, up_proj, down_proj, *, transport, backend, tile_rows, activation):
+def _hook(hidden, expert_ids, expert_weights, up_proj, down_proj, *, transport, backend, tile_rows, activation,
+          visit_tiles):
     """The MoE layer's hook: under a context mesh with an `expert` axis, or with any automatic axis that splits
     the tokens (data, fsdp, ...), the shard_map dispatch of this module; else None (the layer then runs the
     single-program `dispatch_experts`). Without an expert axis this still matters: left to GSPMD, the sort of
@@ -271,7 +275,8 @@ def _hook(hidden, expert_ids, expert_weights, up_proj, down_proj, *, transport, 
     if EXPERT not in mesh.axis_names and not _token_split_axes(mesh):
         return None
     return expert_parallel_dispatch(hidden, expert_ids, expert_weights, up_proj, down_proj, mesh=mesh,
-                                    transport=transport, backend=backend, tile_rows=tile_rows, activation=activation)
+                                    transport=transport, backend=backend, tile_rows=tile_rows, activation=activation,
+                                    visit_tiles=visit_tiles)
 
 
 def register() -> None:

@@ -88,3 +88,61 @@ def test_gmm_rejects_bad_shapes():
         gm.gmm(jnp.zeros((4, 3)), jnp.zeros((2, 5, 2)), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="unknown backend"):
         gm.gmm(jnp.zeros((4, 3)), jnp.zeros((2, 3, 2)), jnp.zeros((2,), jnp.int32), backend="magic")
+
+
+def _blocks_moe_problem(seed, aligned_sizes, tile, num_tokens=9, dim=5, width=6):
+    """A block-aligned layout with `aligned_sizes` rows per group (multiples of `tile`), some of them padding
+    (token N, weight 0), and 1-2 tiles of spare rows at the end as the static layout has."""
+    rng = np.random.default_rng(seed)
+    num_groups = len(aligned_sizes)
+    num_rows = int(sum(aligned_sizes)) + tile * int(rng.integers(1, 3))
+    row_token = np.full(num_rows, num_tokens, np.int32)
+    row_weight = np.zeros(num_rows, np.float32)
+    start = 0
+    for size in aligned_sizes:
+        used = int(rng.integers(max(size - tile + 1, 0), size + 1)) if size else 0
+        row_token[start:start + used] = rng.integers(0, num_tokens, used)
+        row_weight[start:start + used] = rng.random(used)
+        start += size
+    tokens = rng.normal(size=(num_tokens, dim)).astype(np.float32)
+    up = rng.normal(size=(num_groups, dim, width)).astype(np.float32)
+    down = rng.normal(size=(num_groups, width, dim)).astype(np.float32)
+    return (jnp.asarray(tokens), jnp.asarray(row_token), jnp.asarray(row_weight), jnp.asarray(up), jnp.asarray(down),
+            jnp.asarray(np.asarray(aligned_sizes, np.int32)))
+
+
+def _blocks_moe_reference(tokens, row_token, row_weight, up, down, group_sizes):
+    """Row by row: out[token(r)] += weight(r) * relu2(tokens[token(r)] @ up[g(r)]) @ down[g(r)]."""
+    group_of_row = jnp.repeat(jnp.arange(up.shape[0]), group_sizes, total_repeat_length=row_token.shape[0])
+    rows = jnp.concatenate([tokens, jnp.zeros((1, tokens.shape[1]))])[row_token]
+    hidden = jnp.einsum("rd,rdf->rf", rows, up[group_of_row])
+    y = jnp.einsum("rf,rfd->rd", jnp.square(jnp.maximum(hidden, 0)), down[group_of_row]) * row_weight[:, None]
+    return jnp.zeros((tokens.shape[0] + 1, tokens.shape[1])).at[row_token].add(y)[:-1]
+
+
+@pytest.mark.parametrize("visit_tiles", [1, 3])
+@pytest.mark.parametrize("aligned_sizes", [[0, 4, 0, 28, 8, 12], [40, 0, 0], [4, 4, 4, 4, 4]])
+def test_blocks_moe_visits_match_row_by_row_reference(visit_tiles, aligned_sizes):
+    # tile 4: groups longer than a visit are cut into several (28 rows = 7 tiles = 3 + 3 + 1 visits at 3),
+    # visits of every size 1..visit_tiles occur, empty groups have none, and padding visits close the scan.
+    from nemotron_jax.model.activations import relu2
+
+    args = _blocks_moe_problem(0, aligned_sizes, tile=4)
+    first_row, group, tiles = gm.visit_schedule(args[5], args[1].shape[0], 4, visit_tiles)
+    visits = [(int(r), int(g), int(t)) for r, g, t in zip(first_row, group, tiles) if t > 0]
+    covered = sorted(row for r, g, t in visits for row in range(r, r + 4 * t))
+    assert covered == list(range(sum(aligned_sizes)))  # every real row in exactly one visit
+    assert all(t <= visit_tiles for _, _, t in visits)
+
+    def run(fn):
+        def objective(tokens, row_weight, up, down):
+            out = fn(tokens, args[1], row_weight, up, down, args[5])
+            return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+        return jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3), has_aux=True))(
+            args[0], args[2], args[3], args[4])
+
+    (_, out), grads = run(lambda *a: gm.blocks_moe(*a, tile_rows=4, activation=relu2, visit_tiles=visit_tiles))
+    (_, out_ref), grads_ref = run(_blocks_moe_reference)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("tokens", "row_weight", "up", "down"), grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4, err_msg=name)
