@@ -4,6 +4,11 @@ teacher's top-k from (hidden, lm_head), and the student's logits at given token 
 All three work one `[token block, vocabulary chunk]` tile (or one token block of gathered columns) at a
 time; the two differentiable ones have custom VJPs that recompute tiles in the backward pass. Gradients flow
 only to the student: the teacher is a constant of these functions.
+
+Each takes `rows`: the `[N, ...]` token arrays are `rows` sequences of `N / rows` tokens flattened row-major
+(`rows = B` for `[B, T, ...]` inputs). Token blocks then cut across every row at once (see
+`split_token_blocks`), so that a batch axis sharded over devices stays sharded through the block loops instead
+of every device all-gathering the whole batch's hidden states.
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ GATHER_BLOCK_BYTES = 64 * 2**20
 
 
 def _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, chunk_size,
-                token_chunk_size, precision):
+                token_chunk_size, precision, rows):
     """Returns `(kl [N], residual stats)`; kl = w * KL(p_T||p_S) + (1 - w) * KL(p_S||p_T) per token."""
     num_tokens = student_hidden.shape[0]
     vocab_size = student_lm_head.shape[1]
     dtype = _checks.compute_dtype(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head)
-    block = token_block_size(num_tokens, token_chunk_size)
-    student_blocks = split_token_blocks(student_hidden, block)
-    teacher_blocks = split_token_blocks(teacher_hidden, block)
+    block = token_block_size(num_tokens, token_chunk_size, rows)
+    student_blocks = split_token_blocks(student_hidden, block, rows)
+    teacher_blocks = split_token_blocks(teacher_hidden, block, rows)
     shape = student_blocks.shape[:2]
     # Per token and model: running max m, s = sum exp(l - m), and a = sum exp(l - m) * (l - l_other).
     stats = (
@@ -75,12 +80,14 @@ def _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head
     reverse_kl = s_gap / s_sum - student_lse + teacher_lse
     forward_kl = t_gap / t_sum - teacher_lse + student_lse
     kl = forward_weight * forward_kl + (1.0 - forward_weight) * reverse_kl
-    residual_stats = tuple(merge_token_blocks(x, num_tokens) for x in (student_lse, teacher_lse, reverse_kl))
-    return merge_token_blocks(kl, num_tokens), residual_stats
+    residual_stats = tuple(
+        merge_token_blocks(x, num_tokens, rows) for x in (student_lse, teacher_lse, reverse_kl)
+    )
+    return merge_token_blocks(kl, num_tokens, rows), residual_stats
 
 
 def _kl_backward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, stats,
-                 kl_grad, chunk_size, token_chunk_size, precision):
+                 kl_grad, chunk_size, token_chunk_size, precision, rows):
     """Student gradients. d KL(p_T||p_S)/d l_S = p_S - p_T;  d KL(p_S||p_T)/d l_S = p_S (log p_S/p_T - KL)."""
     dtype = _checks.compute_dtype(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head)
     per_token = (teacher_hidden,) + stats + (kl_grad.astype(dtype),)
@@ -100,33 +107,34 @@ def _kl_backward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_hea
         return logits_grad
 
     return lm_head_backward(student_hidden, student_lm_head, per_token, chunk_logits_grad, dtype, chunk_size,
-                            token_chunk_size, precision)
+                            token_chunk_size, precision, rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def chunked_kl(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, chunk_size,
-               token_chunk_size, precision):
+               token_chunk_size, precision, rows=1):
     """Per-token `w * KL(p_T||p_S) + (1 - w) * KL(p_S||p_T)`, `[N]`, from `[N, D]` hidden and `[D, V]` heads.
 
-    `forward_weight` (w) is a static Python float. Gradients flow to the student hidden states and head only.
+    `forward_weight` (w) is a static Python float; `rows` (static) the number of sequences flattened into N.
+    Gradients flow to the student hidden states and head only.
     """
     kl, _ = _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight,
-                        chunk_size, token_chunk_size, precision)
+                        chunk_size, token_chunk_size, precision, rows)
     return kl
 
 
 def _chunked_kl_fwd(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight,
-                    chunk_size, token_chunk_size, precision):
+                    chunk_size, token_chunk_size, precision, rows):
     kl, stats = _kl_forward(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight,
-                            chunk_size, token_chunk_size, precision)
+                            chunk_size, token_chunk_size, precision, rows)
     return kl, (student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, stats)
 
 
-def _chunked_kl_bwd(forward_weight, chunk_size, token_chunk_size, precision, residuals, kl_grad):
+def _chunked_kl_bwd(forward_weight, chunk_size, token_chunk_size, precision, rows, residuals, kl_grad):
     student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, stats = residuals
     hidden_grad, lm_head_grad = _kl_backward(
         student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, forward_weight, stats, kl_grad,
-        chunk_size, token_chunk_size, precision,
+        chunk_size, token_chunk_size, precision, rows,
     )
     # The teacher is a constant of the loss (unused zeros are removed by XLA).
     return hidden_grad, lm_head_grad, jnp.zeros_like(teacher_hidden), jnp.zeros_like(teacher_lm_head)
@@ -139,13 +147,14 @@ chunked_kl.defvjp(_chunked_kl_fwd, _chunked_kl_bwd)
 # Teacher top-k over the vocabulary, chunked (no gradient).
 
 
-def chunked_top_k(hidden, lm_head, top_k, chunk_size, token_chunk_size, precision):
-    """`(logits [N, k], indices [N, k] int32)` of the k largest logits of `hidden @ lm_head`, descending."""
+def chunked_top_k(hidden, lm_head, top_k, chunk_size, token_chunk_size, precision, rows=1):
+    """`(logits [N, k], indices [N, k] int32)` of the k largest logits of `hidden [N, D] @ lm_head [D, V]`,
+    descending; `rows` is the number of sequences flattened into N."""
     num_tokens = hidden.shape[0]
     vocab_size = lm_head.shape[1]
     dtype = _checks.compute_dtype(hidden, lm_head)
-    block = token_block_size(num_tokens, token_chunk_size)
-    hidden_blocks = split_token_blocks(lax.stop_gradient(hidden), block)
+    block = token_block_size(num_tokens, token_chunk_size, rows)
+    hidden_blocks = split_token_blocks(lax.stop_gradient(hidden), block, rows)
     lm_head = lax.stop_gradient(lm_head)
     shape = hidden_blocks.shape[:2] + (top_k,)
     best = (jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, jnp.int32))
@@ -156,38 +165,47 @@ def chunked_top_k(hidden, lm_head, top_k, chunk_size, token_chunk_size, precisio
         def token_block(_, inputs):
             hidden_block, best_logits, best_ids = inputs
             logits = tile_logits(hidden_block, weights, dtype, precision)
-            chunk_logits, chunk_positions = lax.top_k(logits, min(top_k, size))
-            candidates = jnp.concatenate([best_logits, chunk_logits], axis=-1)
-            candidate_ids = jnp.concatenate([best_ids, chunk_positions.astype(jnp.int32) + start], axis=-1)
-            new_logits, picked = lax.top_k(candidates, top_k)
-            return None, (new_logits, jnp.take_along_axis(candidate_ids, picked, axis=-1))
+            chunk_ids = jnp.broadcast_to(start + lax.iota(jnp.int32, size), logits.shape)
+            candidates = jnp.concatenate([best_logits, logits], axis=-1)
+            candidate_ids = jnp.concatenate([best_ids, chunk_ids], axis=-1)
+            # A stable sort on the negated logits, not lax.top_k: XLA's SPMD partitioner replicates TopK
+            # unless its sorted axis is the sharded one, so under a batch-sharded mesh every device would
+            # all-gather every tile's logits; sort partitions along the (sharded) token axis. Same order as
+            # top_k: descending, ties by lower id (earlier chunks hold lower ids and come first).
+            negated, sorted_ids = lax.sort((-candidates, candidate_ids), dimension=1, is_stable=True, num_keys=1)
+            return None, (-negated[:, :top_k], sorted_ids[:, :top_k])
 
         _, best = lax.scan(token_block, None, (hidden_blocks,) + best)
         return best
 
     logits, indices = scan_vocab_chunks(vocab_chunk, best, vocab_size, chunk_size)
-    return merge_token_blocks(logits, num_tokens), merge_token_blocks(indices, num_tokens)
+    return merge_token_blocks(logits, num_tokens, rows), merge_token_blocks(indices, num_tokens, rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Student logits at given token ids, `hidden[n] . lm_head[:, ids[n, k]]`, gathered per token block.
 
 
-def _gather_block_size(num_tokens, hidden_size, num_ids, itemsize):
+def _gather_block_size(num_tokens, hidden_size, num_ids, itemsize, rows):
+    """Tokens of each row per block: about GATHER_BLOCK_BYTES of gathered columns over all rows."""
     per_token = max(hidden_size * num_ids * itemsize, 1)
-    return max(1, min(num_tokens, GATHER_BLOCK_BYTES // per_token))
+    tokens = max(1, min(num_tokens, GATHER_BLOCK_BYTES // per_token))
+    return token_block_size(num_tokens, tokens, rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gather_student_logits(hidden, lm_head, token_ids, precision):
-    """`[N, D], [D, V], [N, K] -> [N, K]` float32 logits of the given ids; never builds `[N, V]`."""
-    return _gather_forward(hidden, lm_head, token_ids, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gather_student_logits(hidden, lm_head, token_ids, precision, rows=1):
+    """`[N, D], [D, V], [N, K] -> [N, K]` float32 logits of the given ids; never builds `[N, V]`.
+
+    `rows` (static) is the number of sequences flattened into N.
+    """
+    return _gather_forward(hidden, lm_head, token_ids, precision, rows)
 
 
-def _gather_forward(hidden, lm_head, token_ids, precision):
+def _gather_forward(hidden, lm_head, token_ids, precision, rows):
     num_tokens, hidden_size = hidden.shape
     dtype = _checks.compute_dtype(hidden, lm_head)
-    block = _gather_block_size(num_tokens, hidden_size, token_ids.shape[1], jnp.dtype(dtype).itemsize)
+    block = _gather_block_size(num_tokens, hidden_size, token_ids.shape[1], jnp.dtype(dtype).itemsize, rows)
     operand_dtype = jnp.promote_types(hidden.dtype, lm_head.dtype)
 
     def token_block(_, inputs):
@@ -197,19 +215,21 @@ def _gather_forward(hidden, lm_head, token_ids, precision):
                             preferred_element_type=dtype)
         return None, logits
 
-    _, logits = lax.scan(token_block, None, (split_token_blocks(hidden, block), split_token_blocks(token_ids, block)))
-    return merge_token_blocks(logits, num_tokens)
+    _, logits = lax.scan(
+        token_block, None, (split_token_blocks(hidden, block, rows), split_token_blocks(token_ids, block, rows))
+    )
+    return merge_token_blocks(logits, num_tokens, rows)
 
 
-def _gather_fwd(hidden, lm_head, token_ids, precision):
-    return _gather_forward(hidden, lm_head, token_ids, precision), (hidden, lm_head, token_ids)
+def _gather_fwd(hidden, lm_head, token_ids, precision, rows):
+    return _gather_forward(hidden, lm_head, token_ids, precision, rows), (hidden, lm_head, token_ids)
 
 
-def _gather_bwd(precision, residuals, logits_grad):
+def _gather_bwd(precision, rows, residuals, logits_grad):
     hidden, lm_head, token_ids = residuals
     num_tokens, hidden_size = hidden.shape
     dtype = _checks.compute_dtype(hidden, lm_head)
-    block = _gather_block_size(num_tokens, hidden_size, token_ids.shape[1], jnp.dtype(dtype).itemsize)
+    block = _gather_block_size(num_tokens, hidden_size, token_ids.shape[1], jnp.dtype(dtype).itemsize, rows)
 
     def token_block(lm_head_grad, inputs):
         hidden_block, ids, block_grad = inputs
@@ -224,10 +244,10 @@ def _gather_bwd(precision, residuals, logits_grad):
     lm_head_grad, hidden_grad = lax.scan(
         token_block,
         jnp.zeros(lm_head.shape, dtype),
-        (split_token_blocks(hidden, block), split_token_blocks(token_ids, block),
-         split_token_blocks(logits_grad, block)),
+        (split_token_blocks(hidden, block, rows), split_token_blocks(token_ids, block, rows),
+         split_token_blocks(logits_grad, block, rows)),
     )
-    hidden_grad = merge_token_blocks(hidden_grad, num_tokens).astype(hidden.dtype)
+    hidden_grad = merge_token_blocks(hidden_grad, num_tokens, rows).astype(hidden.dtype)
     return hidden_grad, lm_head_grad.astype(lm_head.dtype), None
 
 

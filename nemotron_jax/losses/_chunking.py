@@ -8,6 +8,7 @@ gradients of the hidden states and the weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -46,6 +47,15 @@ def token_block_size(num_tokens: int, token_chunk_size: int | None, rows: int = 
     if token_chunk_size is None:
         return max(per_row, 1)
     return max(min(-(-token_chunk_size // rows), per_row), 1)
+
+
+def sequence_rows(positions_shape: tuple[int, ...]) -> int:
+    """Rows (sequences) of `[..., T]` positions flattened row-major: every leading axis but the last, >= 1.
+
+    Token blocks cut across all these rows at once (see `split_token_blocks`), so that a batch axis sharded
+    over devices stays sharded through the block loops.
+    """
+    return max(math.prod(positions_shape[:-1]), 1) if len(positions_shape) > 1 else 1
 
 
 def split_token_blocks(values: jax.Array, block: int, rows: int = 1) -> jax.Array:

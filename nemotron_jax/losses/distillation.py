@@ -26,6 +26,7 @@ from jax import lax
 
 from nemotron_jax.losses import _checks
 from nemotron_jax.losses._chunked_kl import chunked_kl, chunked_top_k, gather_student_logits
+from nemotron_jax.losses._chunking import sequence_rows
 from nemotron_jax.losses.aggregation import aggregate_loss, check_aggregation
 from nemotron_jax.losses.logprobs import DEFAULT_CHUNK_SIZE, DEFAULT_TOKEN_CHUNK_SIZE
 
@@ -151,6 +152,8 @@ def distillation_kl(
         if top_k > vocab_size:
             raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab_size}")
 
+    # Token blocks of the chunked paths cut across the rows of [B, T]: a sharded batch axis stays sharded.
+    rows = sequence_rows(student_shape)
     if top_k is None:
         if student_kind != teacher_kind:
             raise ValueError(
@@ -168,7 +171,7 @@ def distillation_kl(
             return jnp.zeros(student_shape, _checks.compute_dtype(student_hidden, student.lm_head))
         kl = chunked_kl(
             student_hidden, student.lm_head, lax.stop_gradient(teacher_hidden),
-            lax.stop_gradient(teacher.lm_head), forward_weight, chunk_size, token_chunk_size, precision,
+            lax.stop_gradient(teacher.lm_head), forward_weight, chunk_size, token_chunk_size, precision, rows,
         )
         return kl.reshape(student_shape)
 
@@ -180,7 +183,7 @@ def distillation_kl(
     else:
         hidden = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])
         teacher_logits, teacher_ids = chunked_top_k(hidden, teacher.lm_head, top_k, chunk_size, token_chunk_size,
-                                                    precision)
+                                                    precision, rows)
         teacher_logits = teacher_logits.reshape(student_shape + (top_k,))
         teacher_ids = teacher_ids.reshape(student_shape + (top_k,))
     teacher_ids = teacher_ids.astype(jnp.int32)
@@ -188,7 +191,8 @@ def distillation_kl(
         student_logits = jnp.take_along_axis(student, teacher_ids, axis=-1)
     else:
         hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
-        student_logits = gather_student_logits(hidden, student.lm_head, teacher_ids.reshape(-1, top_k), precision)
+        student_logits = gather_student_logits(hidden, student.lm_head, teacher_ids.reshape(-1, top_k), precision,
+                                               rows)
         student_logits = student_logits.reshape(student_shape + (top_k,))
     dtype = _checks.compute_dtype(student_logits, teacher_logits)
     student_log_p = jax.nn.log_softmax(student_logits.astype(dtype), axis=-1)

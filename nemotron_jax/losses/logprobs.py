@@ -12,7 +12,6 @@ Tile size: `token_chunk_size x chunk_size` float32 values; the defaults (8192 x 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ from nemotron_jax.losses._chunking import (
     merge_token_blocks,
     online_logsumexp_update,
     scan_vocab_chunks,
+    sequence_rows,
     split_token_blocks,
     tile_logits,
     token_block_size,
@@ -194,9 +194,7 @@ def token_logprobs_and_entropy(
         dtype = _checks.compute_dtype(hidden, lm_head)
         empty = jnp.zeros(batch_shape, dtype)
         return empty, empty
-    # Rows: every leading axis but the last (token) axis. Token blocks cut across all rows at once, so a
-    # batch axis sharded over devices stays sharded through the block loop (see `split_token_blocks`).
-    rows = math.prod(batch_shape[:-1]) if len(batch_shape) > 1 else 1
+    rows = sequence_rows(batch_shape)  # token blocks cut across rows: a sharded batch axis stays sharded
     logprobs, entropy = _chunked_logprobs_and_entropy(
         hidden2d, lm_head, targets1d, chunk_size, token_chunk_size, precision, rows
     )

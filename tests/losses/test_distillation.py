@@ -1,6 +1,9 @@
 """Logit-level distillation KL (forward / reverse / mixed, full vocabulary and teacher top-k) against float64
 NumPy references: values and analytic gradients, for logits inputs and chunked (hidden, lm_head) inputs."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +183,56 @@ def test_invalid_arguments(make_args, kwargs, match):
 def test_mask_shape_is_checked():
     with pytest.raises(ValueError, match="mask"):
         distillation_loss(jnp.zeros((2, 5, 23)), jnp.zeros((2, 5, 23)), jnp.ones((2, 4)))
+
+
+def _gathers_at_least(hlo, num_elements):
+    """All-gather instructions of the compiled `hlo` text whose result holds >= `num_elements` values."""
+    found = []
+    for line in hlo.splitlines():
+        if " all-gather(" not in line and " all-gather-start(" not in line:
+            continue
+        result_type = line.split("=", 1)[1].split("all-gather", 1)[0]
+        for dims in re.findall(r"\[([\d,]*)\]", result_type):
+            if math.prod(int(d) for d in dims.split(",") if d) >= num_elements:
+                found.append(line.strip()[:160])
+    return found
+
+
+@pytest.mark.parametrize("top_k", [None, 5])  # full-vocabulary KL; teacher top-k + gathered student logits
+def test_batch_sharded_hidden_is_never_gathered(top_k):
+    """Batch axis sharded over 4 devices: values and gradients equal the single-device ones, and the compiled
+    forward+backward all-gathers nothing as large as one sequence's hidden states (token blocks cut across
+    rows, so the block loops slice an unsharded axis; the teacher's top-k sorts tiles rather than calling
+    TopK, which XLA would replicate, gathering every tile's logits)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    batch, length = 8, 64
+    sh, sw, th, tw, weights = random_models(6, shape=(batch, length), student_dim=24, teacher_dim=20, vocab=40)
+    # 48 tokens per tile: 6 positions of every row, the last block padded; 32-column vocabulary chunks, so
+    # a [48, 32] logits tile is larger than the threshold below, like the hidden states.
+    options = dict(kind="mixed", mixed_forward_weight=0.3, top_k=top_k, chunk_size=32, token_chunk_size=48)
+
+    def value_and_grads(h, w, teacher_h, teacher_w, c):
+        def objective(h, w):
+            kl = distillation_kl(LMHeadInputs(h, w), LMHeadInputs(teacher_h, teacher_w), **options)
+            return jnp.sum(c * kl), kl
+
+        (_, kl), grads = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(h, w)
+        return kl, grads
+
+    step = jax.jit(value_and_grads)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    by_row, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    inputs = [jnp.asarray(x, jnp.float32) for x in (sh, sw, th, tw, weights)]
+    sharded = [jax.device_put(x, s) for x, s in zip(inputs, (by_row, replicated, by_row, replicated, by_row))]
+    compiled = step.lower(*sharded).compile()
+
+    gathered = _gathers_at_least(compiled.as_text(), length * min(sh.shape[-1], th.shape[-1]))
+    assert not gathered, gathered[:3]
+    got = jax.tree.map(np.asarray, compiled(*sharded))
+    expected = jax.tree.map(np.asarray, step(*inputs))
+    for name, g, e in zip(("kl", "hidden grad", "lm_head grad"), jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=name)
+    # Both equal the logits path (top-k support taken from the exact teacher logits).
+    kl_from_logits = distillation_kl(jnp.asarray(sh @ sw), jnp.asarray(th @ tw), **options)
+    np.testing.assert_allclose(got[0], np.asarray(kl_from_logits), rtol=1e-4, atol=1e-5)
