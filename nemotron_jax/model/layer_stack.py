@@ -56,15 +56,22 @@ def remat_policy_function(name: str) -> Callable[..., bool] | None:
 
 
 class Segment(NamedTuple):
-    """Layers [start, start + len(unit) * repeats) of the pattern: `unit` repeated `repeats` times."""
+    """Layers [start, stop) of the pattern: `unit` repeated `repeats` times, minus the `absent` layers.
+
+    `absent` holds (repeat, position) pairs of unit positions that an "optional" position skips in that
+    repeat: e.g. Nemotron-3-Nano is "M*E" x 23 with the attention ("*") present in 6 of the 23 repeats.
+    Layers of a position that is absent somewhere ("optional positions") are not stacked: they keep their
+    per-layer params `layers_{i}` and the scan body runs the one of its repeat (or none) by index.
+    """
 
     start: int
     unit: str
     repeats: int
+    absent: tuple[tuple[int, int], ...] = ()
 
     @property
     def stop(self) -> int:
-        return self.start + len(self.unit) * self.repeats
+        return self.start + len(self.unit) * self.repeats - len(self.absent)
 
     @property
     def scanned(self) -> bool:
@@ -75,9 +82,32 @@ class Segment(NamedTuple):
         """The tree key: "scan_{start}_{stop}" for a scanned segment, "layers_{start}" for one layer."""
         return f"scan_{self.start}_{self.stop}" if self.scanned else f"layers_{self.start}"
 
+    @property
+    def optional_positions(self) -> tuple[int, ...]:
+        return tuple(sorted({position for _, position in self.absent}))
+
+    @property
+    def pattern(self) -> str:
+        """The layers of the segment as a pattern string."""
+        absent = set(self.absent)
+        return "".join(char for repeat in range(self.repeats) for position, char in enumerate(self.unit)
+                       if (repeat, position) not in absent)
+
+    def present(self, repeat: int, position: int) -> bool:
+        return (repeat, position) not in self.absent
+
     def layer_index(self, repeat: int, position: int) -> int:
-        """The pattern index of the layer at unit `position` of repeat `repeat`."""
-        return self.start + repeat * len(self.unit) + position
+        """The pattern index of the layer at unit `position` of repeat `repeat` (ValueError if absent)."""
+        if not self.absent:
+            return self.start + repeat * len(self.unit) + position
+        if not self.present(repeat, position):
+            raise ValueError(f"{self.name}: unit position {position} is absent in repeat {repeat}")
+        skipped = sum(1 for r, p in self.absent if r < repeat or (r == repeat and p < position))
+        return self.start + repeat * len(self.unit) + position - skipped
+
+    def optional_layers(self, position: int) -> list[int]:
+        """Pattern indices of the layers at optional `position`, in repeat order (where present)."""
+        return [self.layer_index(r, position) for r in range(self.repeats) if self.present(r, position)]
 
 
 def block_name(position: int) -> str:
@@ -85,12 +115,13 @@ def block_name(position: int) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def layer_plan(pattern: str, scan_cost: int = 1) -> tuple[Segment, ...]:
+def layer_plan(pattern: str, scan_cost: int = 1, allow_optional: bool = True) -> tuple[Segment, ...]:
     """Splits `pattern` into segments minimising the layers XLA compiles.
 
     Cost of a plan: one per unrolled layer, `len(unit) + scan_cost` per scanned segment (its body once and the
     loop). Dynamic programming over prefixes, O(len(pattern)^3) string comparisons (instant for 100s of
-    layers). Ties prefer fewer, longer scans (found first).
+    layers). Ties prefer fewer, longer scans (found first). With `allow_optional`, the whole pattern as one
+    segment with an optional position (`_optional_layer_segment`) is taken when it costs less.
     """
     n = len(pattern)
     best = [0] + [n + 1] * n
@@ -116,7 +147,49 @@ def layer_plan(pattern: str, scan_cost: int = 1) -> tuple[Segment, ...]:
         segment = choice[stop]
         segments.append(segment)
         stop = segment.start
-    return tuple(reversed(segments))
+    plan = tuple(reversed(segments))
+    optional = _optional_layer_segment(pattern) if allow_optional else None
+    if optional is not None and len(optional.unit) + scan_cost < best[n]:
+        return (optional,)
+    return plan
+
+
+# Kinds a scan body may run conditionally: they sow nothing and replay no routing (MoE layers do both).
+_OPTIONAL_KINDS = "*M-"
+
+
+def _optional_layer_segment(pattern: str) -> Segment | None:
+    """The whole `pattern` as one scanned segment with one optional position, if it is one: removing every
+    layer of one kind leaves a unit repeated r >= 2 times, and each removed layer sits at the same place
+    within its repeat (at most one per repeat). E.g. Nano's 52 layers: "ME" x 23 once the 6 attention
+    layers are removed, each of which follows an "M": "M*E" x 23 with "*" absent from 17 repeats."""
+    best = None
+    for kind in _OPTIONAL_KINDS:
+        if kind not in pattern:
+            continue
+        rest = pattern.replace(kind, "")
+        size = next((size for size in range(1, len(rest) // 2 + 1)
+                     if len(rest) % size == 0 and rest[:size] * (len(rest) // size) == rest), None)
+        if size is None:
+            continue
+        repeats = len(rest) // size
+        # slot of each removed layer: (repeat, number of unit layers before it in its repeat)
+        slots, seen = [], 0
+        for char in pattern:
+            if char == kind:
+                slots.append(divmod(seen, size))
+            else:
+                seen += 1
+        places = {slot for _, slot in slots}
+        if len(places) != 1 or len({repeat for repeat, _ in slots}) != len(slots):
+            continue
+        place = places.pop()
+        unit = rest[:place] + kind + rest[place:size]
+        present = {repeat for repeat, _ in slots}
+        segment = Segment(0, unit, repeats, tuple((r, place) for r in range(repeats) if r not in present))
+        if segment.pattern == pattern and (best is None or len(segment.unit) < len(best.unit)):
+            best = segment
+    return best
 
 
 def model_plan(cfg: ModelConfig) -> tuple[Segment, ...]:
@@ -134,8 +207,13 @@ def layer_location(cfg: ModelConfig, index: int) -> tuple[tuple[str, ...], int |
         if segment.start <= index < segment.stop:
             if not segment.scanned:
                 return (segment.name,), None
-            repeat, position = divmod(index - segment.start, len(segment.unit))
-            return (segment.name, block_name(position)), repeat
+            for position in segment.optional_positions:
+                if index in segment.optional_layers(position):
+                    return (f"layers_{index}",), None
+            for repeat in range(segment.repeats):
+                for position in range(len(segment.unit)):
+                    if segment.present(repeat, position) and segment.layer_index(repeat, position) == index:
+                        return (segment.name, block_name(position)), repeat
     raise AssertionError("unreachable: the plan covers every layer")
 
 
@@ -162,7 +240,12 @@ def stack_layers(cfg: ModelConfig, tree: dict[str, Any]) -> dict[str, Any]:
                 out[segment.name] = tree[segment.name]
             continue
         blocks = {}
+        for position in segment.optional_positions:  # not stacked: per-layer params the scan body indexes
+            out.update({f"layers_{i}": tree[f"layers_{i}"] for i in segment.optional_layers(position)
+                        if f"layers_{i}" in tree})
         for position in range(len(segment.unit)):
+            if position in segment.optional_positions:
+                continue
             names = [f"layers_{segment.layer_index(r, position)}" for r in range(segment.repeats)]
             present = [name for name in names if name in tree]
             if not present:
@@ -195,6 +278,11 @@ def unstack_layers(cfg: ModelConfig, tree: dict[str, Any]) -> dict[str, Any]:
             for repeat in range(segment.repeats):
                 out[f"layers_{segment.layer_index(repeat, position)}"] = jax.tree.map(lambda x: x[repeat], value)
     expected = {segment.name for segment in model_plan(cfg)}
+    for segment in model_plan(cfg):
+        for position in segment.optional_positions:
+            names = [f"layers_{i}" for i in segment.optional_layers(position)]
+            out.update({name: tree[name] for name in names if name in tree})
+            expected.update(names)
     unknown = sorted(key for key in tree if _layer_key(key) and key not in expected)
     if unknown:
         raise ValueError(f"unstack_layers: keys {unknown} are not segments of the layer plan of this config "

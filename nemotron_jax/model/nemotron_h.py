@@ -80,31 +80,65 @@ def _block_class(cfg: ModelConfig, kind: str, in_scan: bool) -> type[nn.Module]:
 class ScanUnit(nn.Module):
     """One repeat of a scanned segment: the layers of `unit` in order, as `block_{j}` (the `nn.scan` body).
 
-    carry hidden [B, T, D]; broadcast run_ids [B, T] and cache_meta; scanned (one row per repeat) `caches`
-    {block_j: cache of that layer} or None, `expert_ids` {block_j: int32 [B*T, k]} or None.
-    Returns (hidden, {block_j: new cache} or None when `caches` is None).
+    carry (hidden [B, T, D], optional caches {block_j: stacked caches of position j's layers} or None);
+    broadcast run_ids [B, T], cache_meta and `optional_params` {block_j: position j's layers' params stacked
+    [count, ...]}; scanned (one row per repeat) `caches` {block_j: cache of that layer} or None,
+    `expert_ids` {block_j: int32 [B*T, k]} or None and `optional_index` {block_j: int32, the row of
+    `optional_params[block_j]` this repeat runs, -1 where the position is absent}.
+    Returns ((hidden, optional caches), {block_j: new cache} or None when `caches` is None).
     """
 
     config: ModelConfig
     unit: str
+    optional: tuple[int, ...] = ()
 
     def setup(self) -> None:
         blocks = {}
         for position, char in enumerate(self.unit):
+            if position in self.optional:
+                continue
             kind = LAYER_KINDS[char]
             blocks[str(position)] = _block_class(self.config, kind, True)(self.config, kind)
         self.block = blocks  # submodules block_{j}
 
-    def __call__(self, hidden, run_ids, cache_meta, caches, expert_ids):
+    def __call__(self, carry, run_ids, cache_meta, caches, expert_ids, optional_params, optional_index):
+        hidden, optional_caches = carry
         new_caches = {}
         for position in range(len(self.unit)):
             name = block_name(position)
+            if position in self.optional:
+                hidden, optional_caches = self._optional_layer(
+                    position, hidden, run_ids, cache_meta, optional_params[name], optional_index[name],
+                    optional_caches)
+                continue
             cache = None if caches is None else caches.get(name)
             replay = None if expert_ids is None else expert_ids.get(name)
             hidden, layer_cache = self.block[str(position)](hidden, run_ids, cache, cache_meta, replay)
             if caches is not None and layer_cache is not None and cache is not None:
                 new_caches[name] = layer_cache
-        return hidden, (new_caches if caches is not None else None)
+        return (hidden, optional_caches), (new_caches if caches is not None else None)
+
+    def _optional_layer(self, position, hidden, run_ids, cache_meta, params, index, optional_caches):
+        """Layer `params[index]` of optional `position` (a pure `apply` under `lax.cond`), or nothing."""
+        kind = LAYER_KINDS[self.unit[position]]
+        layer = _block_class(self.config, kind, True)(self.config, kind, parent=None)  # unbound: applied purely
+        name = block_name(position)
+        stacked_cache = None if optional_caches is None else optional_caches.get(name)
+        row = lambda tree: jax.tree.map(  # noqa: E731
+            lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), tree)
+
+        def run(hidden, stacked_cache):
+            cache = None if stacked_cache is None else row(stacked_cache)
+            hidden, new_cache = layer.apply({"params": row(params)}, hidden, run_ids, cache, cache_meta, None)
+            if stacked_cache is not None:
+                stacked_cache = jax.tree.map(lambda a, c: jax.lax.dynamic_update_index_in_dim(a, c, index, 0),
+                                             stacked_cache, new_cache)
+            return hidden, stacked_cache
+
+        hidden, stacked_cache = jax.lax.cond(index >= 0, run, lambda h, c: (h, c), hidden, stacked_cache)
+        if stacked_cache is not None:
+            optional_caches = {**optional_caches, name: stacked_cache}
+        return hidden, optional_caches
 
 
 def _scanned_unit(segment: Segment) -> type[nn.Module]:
@@ -112,10 +146,22 @@ def _scanned_unit(segment: Segment) -> type[nn.Module]:
         ScanUnit,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, 0),
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, 0),
         length=segment.repeats,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+def _optional_index(segment: Segment) -> dict[str, jax.Array]:
+    """{block_j: int32 [repeats]} for each optional position: the row of its stacked layers, -1 if absent."""
+    out = {}
+    for position in segment.optional_positions:
+        rows, count = [], 0
+        for repeat in range(segment.repeats):
+            rows.append(count if segment.present(repeat, position) else -1)
+            count += segment.present(repeat, position)
+        out[block_name(position)] = jnp.asarray(rows, jnp.int32)
+    return out
 
 
 def _segment_replay(segment: Segment, expert_ids: dict[str, jax.Array] | None) -> dict[str, jax.Array] | None:
@@ -158,7 +204,12 @@ class NemotronH(nn.Module):
         layers, scans = {}, {}
         for segment in self.plan:
             if segment.scanned:
-                scans[f"{segment.start}_{segment.stop}"] = _scanned_unit(segment)(cfg, segment.unit)
+                scans[f"{segment.start}_{segment.stop}"] = _scanned_unit(segment)(cfg, segment.unit,
+                                                                                  segment.optional_positions)
+                for position in segment.optional_positions:  # their params, run by index inside the scan
+                    kind = LAYER_KINDS[segment.unit[position]]
+                    for index in segment.optional_layers(position):
+                        layers[str(index)] = Block(cfg, kind)
             else:
                 kind = LAYER_KINDS[segment.unit]
                 layers[str(segment.start)] = _block_class(cfg, kind, False)(cfg, kind)
@@ -203,16 +254,39 @@ class NemotronH(nn.Module):
                 module = self.scan[f"{segment.start}_{segment.stop}"]
                 if caches is not None and cache is None:
                     cache = {}  # a segment without cached layers (e.g. MLP/MoE only) still gets a cache tree
-                hidden, segment_cache = module(hidden, run_ids, cache_meta, cache,
-                                               _segment_replay(segment, expert_ids))
+                optional_params, optional_caches = self._optional_inputs(segment, hidden, run_ids, caches)
+                (hidden, optional_caches), segment_cache = module(
+                    (hidden, optional_caches), run_ids, cache_meta, cache, _segment_replay(segment, expert_ids),
+                    optional_params, _optional_index(segment))
                 if segment_cache:
                     new_caches[name] = segment_cache
+                for position, stacked in (optional_caches or {}).items():
+                    for row, index in enumerate(segment.optional_layers(int(position.split("_")[1]))):
+                        new_caches[f"layers_{index}"] = jax.tree.map(lambda a, r=row: a[r], stacked)
             else:
                 replay = None if expert_ids is None else expert_ids.get(name)
                 hidden, layer_cache = self.layers[str(segment.start)](hidden, run_ids, cache, cache_meta, replay)
                 if cache is not None and layer_cache is not None:
                     new_caches[name] = layer_cache
         return hidden, (new_caches if caches is not None else None)
+
+    def _optional_inputs(self, segment, hidden, run_ids, caches):
+        """A scanned segment's optional layers: ({block_j: params stacked [count, ...]}, {block_j: caches
+        stacked [count, ...]} or None). At init each layer is called once, outside the scan, to create its
+        params (its output is discarded)."""
+        params, stacked_caches = {}, {}
+        for position in segment.optional_positions:
+            modules = [self.layers[str(index)] for index in segment.optional_layers(position)]
+            if self.is_initializing():
+                for module in modules:
+                    module(hidden, run_ids)
+            params[block_name(position)] = jax.tree.map(lambda *rows: jnp.stack(rows),
+                                                        *[module.variables["params"] for module in modules])
+            names = [f"layers_{index}" for index in segment.optional_layers(position)]
+            if caches is not None and all(name in caches for name in names):
+                stacked_caches[block_name(position)] = jax.tree.map(lambda *rows: jnp.stack(rows),
+                                                                    *[caches[name] for name in names])
+        return params, (stacked_caches if caches is not None else None)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V]."""

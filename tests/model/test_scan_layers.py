@@ -75,7 +75,7 @@ def _assert_trees_close(actual, expected, rtol):
 
 
 def test_layer_plan_covers_the_pattern_and_bounds_nano():
-    plan = layer_plan(NANO)
+    plan = layer_plan(NANO, allow_optional=False)  # with optional positions: one segment, see below
     assert [(s.name, s.unit, s.repeats) for s in plan] == [
         ("scan_0_35", "MEMEM*E", 5), ("scan_35_41", "ME", 3), ("layers_41", "M", 1), ("layers_42", "*", 1),
         ("scan_43_51", "EM", 4), ("layers_51", "E", 1)]
@@ -84,7 +84,7 @@ def test_layer_plan_covers_the_pattern_and_bounds_nano():
     for _ in range(200):
         pattern = "".join(rng.choice("ME*-") for _ in range(rng.randint(1, 30)))
         plan = layer_plan(pattern)
-        assert "".join(s.unit * s.repeats for s in plan) == pattern
+        assert "".join(s.pattern for s in plan) == pattern
         assert plan[0].start == 0 and all(a.stop == b.start for a, b in zip(plan, plan[1:]))
         assert sum(len(s.unit) + (s.repeats > 1) for s in plan) <= len(pattern)
     cfg = ModelConfig.preset("tiny", layer_pattern=PATTERN, scan_layers=True)
@@ -196,4 +196,75 @@ def test_generation_with_scan_layers(setup):
     assert len(result.routing) == len(expected.routing) == 4
     for got, want in zip(result.routing, expected.routing):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(result.logprobs), np.asarray(expected.logprobs), rtol=1e-5, atol=1e-5)
+
+
+# "M*E" x 5 with the attention present in repeats 1 and 3 only: one scanned segment whose body runs the
+# attention layer of its repeat by index, or none (Nano's plan, "M*E" x 23 with 6 attention layers, in small).
+OPTIONAL_PATTERN = "MEM*EMEM*EME"
+
+
+def test_optional_layer_plan_for_nano_and_edge_patterns():
+    (nano,) = layer_plan(NANO)
+    assert (nano.name, nano.unit, nano.repeats, nano.optional_positions) == ("scan_0_52", "M*E", 23, (1,))
+    assert nano.optional_layers(1) == [5, 12, 19, 26, 33, 42] and nano.pattern == NANO
+    (segment,) = layer_plan(OPTIONAL_PATTERN)
+    assert (segment.unit, segment.repeats, segment.absent) == ("M*E", 5, ((0, 1), (2, 1), (4, 1)))
+    assert [segment.layer_index(r, p) for r, p in [(1, 0), (1, 1), (1, 2), (2, 0)]] == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="absent"):
+        segment.layer_index(0, 1)
+    # Not one shape: two attention layers in one repeat, attention at varying places, MoE as the odd kind
+    # ("M" x 6 with one "E": MoE layers sow routing and replay it, so they are never optional). A Mamba layer
+    # can be: "ME ME E ME".
+    assert layer_plan("MEMEEME")[0].absent == ((2, 0),)
+    for pattern in ["M**EMEME", "M*EME*ME", "MMEMMMM"]:
+        assert all(not s.absent for s in layer_plan(pattern)), pattern
+    cfg = ModelConfig.preset("tiny", layer_pattern=OPTIONAL_PATTERN, scan_layers=True)
+    assert layer_location(cfg, 3) == (("layers_3",), None)
+    assert layer_location(cfg, 5) == (("scan_0_12", "block_0"), 2)
+    assert layer_location(cfg, 11) == (("scan_0_12", "block_2"), 4)
+
+
+@pytest.fixture(scope="module")
+def optional_setup():
+    cfg = ModelConfig.preset("tiny", layer_pattern=OPTIONAL_PATTERN, **SMALL)
+    params = nj.init_params(cfg, jax.random.key(1))
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 20)), jnp.int32)
+    segment_ids = jnp.asarray([[1] * 9 + [2] * 11, [1] * 18 + [2, 3]], jnp.int32)
+    return cfg, cfg.replace(scan_layers=True), params, tokens, segment_ids
+
+
+def test_optional_layers_scan_equals_unrolled_and_keeps_names(optional_setup, tmp_path):
+    cfg, scan_cfg, params, tokens, segment_ids = optional_setup
+    scan_params = stack_layers(scan_cfg, params)
+    assert sorted(k for k in scan_params if k.startswith(("layers_", "scan_"))) == ["layers_3", "layers_8",
+                                                                                    "scan_0_12"]
+    assert sorted(scan_params["scan_0_12"]) == ["block_0", "block_2"]
+    abstract = abstract_params(scan_cfg)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                                  scan_params)
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(scan_cfg, scan_params), params)
+
+    (loss, out), grads, replayed = _jitted_step(cfg)(params, tokens, segment_ids)
+    (scan_loss, scan_out), scan_grads, scan_replayed = _jitted_step(scan_cfg)(scan_params, tokens, segment_ids)
+    np.testing.assert_allclose(np.asarray(scan_out.logprobs), np.asarray(out.logprobs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(scan_loss), float(loss), rtol=1e-6)
+    _assert_trees_close(unstack_layers(scan_cfg, scan_grads), grads, 1e-5)
+    np.testing.assert_allclose(np.asarray(scan_replayed), np.asarray(replayed), rtol=1e-5, atol=1e-6)
+    # Every attention layer matters (a scan that skipped or mixed them up would not match): zeroing the
+    # second one's output projection changes the result.
+    broken = jax.tree.map(lambda x: x, scan_params)
+    broken["layers_8"]["mixer"]["o_proj"]["kernel"] = jnp.zeros_like(broken["layers_8"]["mixer"]["o_proj"]["kernel"])
+    assert not np.allclose(np.asarray(_jitted_step(scan_cfg)(broken, tokens, segment_ids)[0][0]), float(loss))
+
+    nj.save_hf(scan_cfg, scan_params, str(tmp_path / "hf"))
+    _, loaded = nj.load_hf(str(tmp_path / "hf"), config=scan_cfg)
+    jax.tree.map(np.testing.assert_array_equal, loaded, scan_params)
+
+    prompts = [[5, 9, 11, 3, 7], [8, 2]]
+    args = dict(max_new_tokens=4, n=2, seed=1, temperature=0.7)
+    expected = nj.generate(cfg, params, prompts, **args)
+    result = nj.generate(scan_cfg, scan_params, prompts, **args)
+    np.testing.assert_array_equal(np.asarray(result.tokens), np.asarray(expected.tokens))
     np.testing.assert_allclose(np.asarray(result.logprobs), np.asarray(expected.logprobs), rtol=1e-5, atol=1e-5)
