@@ -91,3 +91,27 @@ def test_rejects_rows_that_do_not_split(case):
                                                   case["segment_ids"][:, :62])
     with pytest.raises(ValueError, match="needs an axis named 'context'"):
         context_parallel(case["logits_fn"], _mesh((4,), ("data",)))
+
+
+def test_scanned_layers_with_an_optional_attention_equal_single_device(case):
+    """Scan over layers whose unit has an optional attention position ("M*E" x 5, attention in repeats 1 and
+    3: the plan of Nano's layers, in small) under context=4: the conditional attention gathers K/V across
+    the axis like the unrolled one."""
+    cfg = ModelConfig.preset("tiny", layer_pattern="MEM*EMEM*EME", scan_layers=True)
+    params = nj.init_params(cfg, jax.random.key(4))
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(len(ROWS), LENGTH, cfg.vocab_size)), jnp.float32)
+
+    def logits_fn(p, tok, seg):
+        return NemotronH(cfg).apply({"params": p}, tok, seg)
+
+    def loss_and_grads(apply):
+        return jax.jit(jax.value_and_grad(lambda p, tok, seg: jnp.sum(apply(p, tok, seg) * weights)))
+
+    expected_loss, expected = loss_and_grads(logits_fn)(params, case["tokens"], case["segment_ids"])
+    mesh = _mesh((4,), ("context",))
+    tokens, segment_ids = (jax.device_put(a, NamedSharding(mesh, P(None, "context")))
+                           for a in (case["tokens"], case["segment_ids"]))
+    loss, grads = loss_and_grads(context_parallel(logits_fn, mesh))(params, tokens, segment_ids)
+    _assert_close(loss, expected_loss, "loss, scanned with an optional attention, context=4")
+    for (path, grad), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(expected)):
+        _assert_close(grad, ref, f"grad {jax.tree_util.keystr(path)}, scanned, context=4")
