@@ -1,9 +1,6 @@
 """Logit-level distillation KL (forward / reverse / mixed, full vocabulary and teacher top-k) against float64
 NumPy references: values and analytic gradients, for logits inputs and chunked (hidden, lm_head) inputs."""
 
-import math
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,21 +182,8 @@ def test_mask_shape_is_checked():
         distillation_loss(jnp.zeros((2, 5, 23)), jnp.zeros((2, 5, 23)), jnp.ones((2, 4)))
 
 
-def _gathers_at_least(hlo, num_elements):
-    """All-gather instructions of the compiled `hlo` text whose result holds >= `num_elements` values."""
-    found = []
-    for line in hlo.splitlines():
-        if " all-gather(" not in line and " all-gather-start(" not in line:
-            continue
-        result_type = line.split("=", 1)[1].split("all-gather", 1)[0]
-        for dims in re.findall(r"\[([\d,]*)\]", result_type):
-            if math.prod(int(d) for d in dims.split(",") if d) >= num_elements:
-                found.append(line.strip()[:160])
-    return found
-
-
 @pytest.mark.parametrize("top_k", [None, 5])  # full-vocabulary KL; teacher top-k + gathered student logits
-def test_batch_sharded_hidden_is_never_gathered(top_k):
+def test_batch_sharded_hidden_is_never_gathered(top_k, gathers_at_least):
     """Batch axis sharded over 4 devices: values and gradients equal the single-device ones, and the compiled
     forward+backward all-gathers nothing as large as one sequence's hidden states (token blocks cut across
     rows, so the block loops slice an unsharded axis; the teacher's top-k sorts tiles rather than calling
@@ -227,7 +211,7 @@ def test_batch_sharded_hidden_is_never_gathered(top_k):
     sharded = [jax.device_put(x, s) for x, s in zip(inputs, (by_row, replicated, by_row, replicated, by_row))]
     compiled = step.lower(*sharded).compile()
 
-    gathered = _gathers_at_least(compiled.as_text(), length * min(sh.shape[-1], th.shape[-1]))
+    gathered = gathers_at_least(compiled.as_text(), length * min(sh.shape[-1], th.shape[-1]))
     assert not gathered, gathered[:3]
     got = jax.tree.map(np.asarray, compiled(*sharded))
     expected = jax.tree.map(np.asarray, step(*inputs))

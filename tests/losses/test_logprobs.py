@@ -148,7 +148,7 @@ def test_rows_with_padded_token_blocks_match_reference():
         np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
-def test_batch_sharded_hidden_is_never_gathered():
+def test_batch_sharded_hidden_is_never_gathered(gathers_at_least):
     """With the batch axis sharded over 4 devices, the compiled forward+backward holds no all-gather of the
     [B, T, D] hidden states: token blocks cut across rows, so the block loop slices an unsharded axis."""
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -164,7 +164,7 @@ def test_batch_sharded_hidden_is_never_gathered():
         return jnp.sum(token_logprobs(h, w, t, chunk_size=16, token_chunk_size=64))
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
-    gathered = [line for line in hlo.splitlines() if "all-gather" in line and f"{length},{hidden_size}]" in line]
+    gathered = gathers_at_least(hlo, length * hidden_size)  # one row's hidden states, in any shape
     assert not gathered, gathered[:2]
 
 
