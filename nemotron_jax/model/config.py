@@ -171,9 +171,13 @@ class ModelConfig:
     attention_block_kv: int = 512
     # Layer loop: `scan_layers` runs each periodic stretch of the layer pattern as one `lax.scan` over stacked
     # parameters (compile time independent of depth; see `layer_stack.layer_plan`), else every layer is
-    # unrolled. `remat_policy`: a policy of `REMAT_POLICIES` for all layers, or per kind
-    # ("mamba=nothing_saveable,moe=dots_saveable"; unnamed kinds "none"), see `parse_remat_policy`.
+    # unrolled. `scan_optional_layers`: the plan may give a scanned unit one optional position (Nano: "M*E" x 23,
+    # the attention in 6 repeats; 3 layers compiled instead of 14); False keeps plain periodic segments (e.g. to
+    # restore an Orbax checkpoint written in that layout). `remat_policy`: a policy of `REMAT_POLICIES` for all
+    # layers, or per kind ("mamba=nothing_saveable,moe=dots_saveable"; unnamed kinds "none"), see
+    # `parse_remat_policy`.
     scan_layers: bool = False
+    scan_optional_layers: bool = True
     remat_policy: str = "none"
     # Expert parallelism (a mesh with an `expert` axis, see nemotron_jax/parallel): how token copies travel to
     # their expert's device: "auto" (ragged_all_to_all on TPU/GPU, all_to_all elsewhere), "ragged_all_to_all",
@@ -264,6 +268,8 @@ class ModelConfig:
             fail("layer_norm_epsilon", f"must be positive, got {self.layer_norm_epsilon}")
         if not isinstance(self.scan_layers, bool):
             fail("scan_layers", f"must be a bool, got {self.scan_layers!r}")
+        if not isinstance(self.scan_optional_layers, bool):
+            fail("scan_optional_layers", f"must be a bool, got {self.scan_optional_layers!r}")
         try:
             parse_remat_policy(self.remat_policy)
         except ValueError as error:
@@ -382,7 +388,7 @@ class ModelConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' `NemotronHForCausalLM` loads."""
         skip = {"layer_pattern", "param_dtype", "compute_dtype", "moe_backend", "moe_tile_rows", "moe_visit_tiles",
-                "scan_layers", "remat_policy", "moe_ep_transport", "attention_backend", "attention_block_q",
+                "scan_layers", "scan_optional_layers", "remat_policy", "moe_ep_transport", "attention_backend", "attention_block_q",
                 "attention_block_kv"}
         hf: dict[str, Any] = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip

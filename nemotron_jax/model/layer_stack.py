@@ -195,7 +195,7 @@ def _optional_layer_segment(pattern: str) -> Segment | None:
 def model_plan(cfg: ModelConfig) -> tuple[Segment, ...]:
     """The segments `NemotronH(cfg)` runs: `layer_plan` with `scan_layers`, else one segment per layer."""
     if cfg.scan_layers:
-        return layer_plan(cfg.layer_pattern)
+        return layer_plan(cfg.layer_pattern, allow_optional=cfg.scan_optional_layers)
     return tuple(Segment(i, char, 1) for i, char in enumerate(cfg.layer_pattern))
 
 

@@ -220,6 +220,8 @@ def test_optional_layer_plan_for_nano_and_edge_patterns():
     for pattern in ["M**EMEME", "M*EME*ME", "MMEMMMM"]:
         assert all(not s.absent for s in layer_plan(pattern)), pattern
     cfg = ModelConfig.preset("tiny", layer_pattern=OPTIONAL_PATTERN, scan_layers=True)
+    assert [s.name for s in model_plan(cfg.replace(scan_optional_layers=False))] == [
+        "scan_0_10", "layers_10", "layers_11"]  # "MEM*E" x 2, then two unrolled
     assert layer_location(cfg, 3) == (("layers_3",), None)
     assert layer_location(cfg, 5) == (("scan_0_12", "block_0"), 2)
     assert layer_location(cfg, 11) == (("scan_0_12", "block_2"), 4)
