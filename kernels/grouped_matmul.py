@@ -298,7 +298,7 @@ def blocks_moe(tokens: jax.Array, row_token: jax.Array, row_weight: jax.Array, u
     The MoE dispatch's CPU path ("blocks"). Each expert's run of rows is cut into visits of at most
     `visit_tiles * tile_rows` rows (`visit_schedule`); visits are run by size, one `fori_loop` per size over
     that size's visits (`visit_classes`, the trip count traced), so every matmul has M = the visit's own rows
-    (the only padding is the layout's alignment of each expert to `tile_rows`). A visit gathers its rows from `tokens`, runs both matmuls and
+    and nothing is padded or masked. A visit gathers its rows from `tokens`, runs both matmuls and
     scatter-adds its weighted outputs into the [N, D] result. The backward runs the same loops (activation
     recomputed from the saved pre-activation, both weight gradients accumulated in place, the token gradient
     scatter-added). Why visits and not fixed 128-row blocks: on XLA:CPU a [128, 512] @ [512, 384] product runs
