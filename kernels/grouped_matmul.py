@@ -293,17 +293,16 @@ def _tgmm_blocks_aligned(lhs, grad, group_sizes, group_offset, num_local, tile_r
 def blocks_moe(tokens: jax.Array, row_token: jax.Array, row_weight: jax.Array, up: jax.Array, down: jax.Array,
                group_sizes: jax.Array, *, tile_rows: int, activation, visit_tiles: int = 8) -> jax.Array:
     """Routed experts straight from the tokens: `out[n] = sum over rows r of token n: row_weight[r] *
-    act(tokens[n] @ up[g(r)]) @ down[g(r)]`, one expert's rows (up to `visit_tiles` tiles) per loop step.
+    act(tokens[n] @ up[g(r)]) @ down[g(r)]`, one expert's rows (up to `visit_tiles` tiles) per scan step.
 
     The MoE dispatch's CPU path ("blocks"). Each expert's run of rows is cut into visits of at most
-    `visit_tiles * tile_rows` rows (`visit_schedule`); visits are run by size, one `fori_loop` per size over
-    that size's visits (`visit_classes`, the trip count traced), so every matmul has M = the visit's own rows
-    and nothing is padded or masked. A visit gathers its rows from `tokens`, runs both matmuls and
-    scatter-adds its weighted outputs into the [N, D] result. The backward runs the same loops (activation
-    recomputed from the saved pre-activation, both weight gradients accumulated in place, the token gradient
-    scatter-added). Why visits and not fixed 128-row blocks: on XLA:CPU a [128, 512] @ [512, 384] product runs
-    at ~60% of the rate of a [512, 512] one, and a finer alignment (`tile_rows` 64 instead of 128) cuts the
-    padding from ~18% to ~5% at the benchmark's shape. Nothing of size [R, D] is built: on XLA:CPU every fresh
+    `visit_tiles * tile_rows` rows; a visit gathers its rows from `tokens`, runs both matmuls with M = its own
+    row count (a `lax.switch` over the `visit_tiles` possible sizes) and scatter-adds its weighted outputs
+    into the [N, D] result. The backward is one scan over the same visits (activation recomputed from the
+    saved pre-activation, both weight gradients accumulated in place, the token gradient scatter-added).
+    Why visits and not fixed 128-row blocks: on XLA:CPU a [128, 512] @ [512, 384] product runs at ~60% of
+    the rate of a [512, 512] one, and a finer alignment (`tile_rows` 64 instead of 128) cuts the padding
+    from ~18% to ~5% at the benchmark's shape. Nothing of size [R, D] is built: on XLA:CPU every fresh
     large buffer is paid for in page faults and a separate pass over memory.
 
     Args:
@@ -333,7 +332,7 @@ def visit_schedule(group_sizes: jax.Array, num_rows: int, tile_rows: int, visit_
 
     Returns:
       first_row, group, tiles: int32 [V] with V = ceil(R / visit_rows) + G (a static bound), in row order.
-        Padding visits have tiles 0 and first_row R.
+        Padding visits have tiles 0 and first_row R (their buffers' writes land past the real rows).
     """
     visit_rows = tile_rows * visit_tiles
     sizes = group_sizes.astype(jnp.int32)
@@ -351,26 +350,19 @@ def visit_schedule(group_sizes: jax.Array, num_rows: int, tile_rows: int, visit_
     return first_row.astype(jnp.int32), group, tiles.astype(jnp.int32)
 
 
-def visit_classes(group_sizes: jax.Array, num_rows: int, tile_rows: int, visit_tiles: int):
-    """The visits of `visit_schedule` grouped by size: for t = 1 .. visit_tiles, (first_row int32 [L_t],
-    group int32 [L_t], count int32 []) of the visits of exactly t tiles, in row order, the first `count` valid.
+def _pad_to_rows(x, rows: int):
+    return jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1)) if x.shape[0] < rows else x
 
-    Static bounds: a group has at most one visit shorter than `visit_tiles` (its remainder), so
-    L_t = min(G, R // (t * tile_rows)) for t < visit_tiles, and L = R // visit_rows for full visits.
-    """
-    first_row, group, tiles = visit_schedule(group_sizes, num_rows, tile_rows, visit_tiles)
-    num_groups = group_sizes.shape[0]
-    classes = []
-    for size in range(1, visit_tiles + 1):
-        bound = num_rows // (size * tile_rows)
-        if size < visit_tiles:
-            bound = min(num_groups, bound)
-        selected = tiles == size
-        slot = jnp.where(selected, jnp.cumsum(selected) - 1, bound)  # unselected: out of range, dropped
-        classes.append((jnp.zeros((bound,), jnp.int32).at[slot].set(first_row, mode="drop"),
-                        jnp.zeros((bound,), jnp.int32).at[slot].set(group, mode="drop"),
-                        jnp.sum(selected, dtype=jnp.int32)))
-    return classes
+
+def _blocks_moe_prepare(tokens, row_weight, row_token, group_sizes, tile_rows, visit_tiles):
+    """Padded copies (so that every visit's fixed-size slice is in bounds) and the visit schedule."""
+    num_tokens, dim = tokens.shape
+    visit_rows = tile_rows * visit_tiles
+    padded_tokens = jnp.concatenate([tokens, jnp.zeros((1, dim), tokens.dtype)])  # row N: padding rows read zeros
+    padded_row_token = jnp.concatenate([row_token, jnp.full((visit_rows,), num_tokens, jnp.int32)])
+    padded_row_weight = jnp.concatenate([row_weight, jnp.zeros((visit_rows,), jnp.float32)])
+    schedule = visit_schedule(group_sizes, row_token.shape[0], tile_rows, visit_tiles)
+    return padded_tokens, padded_row_token, padded_row_weight, schedule
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -381,54 +373,61 @@ def _blocks_moe(tokens, row_weight, up, down, row_token, group_sizes, tile_rows,
 
 def _blocks_moe_fwd(tokens, row_weight, up, down, row_token, group_sizes, tile_rows, visit_tiles, activation):
     num_tokens, dim = tokens.shape
-    num_rows, width = row_token.shape[0], up.shape[2]
-    padded_tokens = jnp.concatenate([tokens, jnp.zeros((1, dim), tokens.dtype)])  # row N: padding rows read zeros
-    classes = visit_classes(group_sizes, num_rows, tile_rows, visit_tiles)
-    carry = (jnp.zeros((num_tokens + 1, dim), jnp.float32), jnp.zeros((num_rows, width), tokens.dtype))
-    for size, (first_rows, groups, count) in enumerate(classes, start=1):
-        if not first_rows.shape[0]:  # no room for a visit of this size in R rows
-            continue
-        rows_used = size * tile_rows
+    num_rows, width, visit_rows = row_token.shape[0], up.shape[2], tile_rows * visit_tiles
+    padded_tokens, row_token_p, row_weight_p, schedule = _blocks_moe_prepare(
+        tokens, row_weight, row_token, group_sizes, tile_rows, visit_tiles)
 
-        def visit(v, carry, first_rows=first_rows, groups=groups, rows_used=rows_used):
-            out, hidden_rows = carry
-            first_row, group = first_rows[v], groups[v]
-            index = lax.dynamic_slice_in_dim(row_token, first_row, rows_used)
-            weight = lax.dynamic_slice_in_dim(row_weight, first_row, rows_used)
-            rows = padded_tokens.at[index].get(mode="promise_in_bounds")
+    def visit_of(tiles):
+        rows_used = tiles * tile_rows
+
+        def run(index, weight, group):  # -> weighted outputs [V, D] and pre-activations [V, F], zero-padded
+            rows = padded_tokens.at[index[:rows_used]].get(mode="promise_in_bounds")
             w_up = lax.dynamic_index_in_dim(up, group, 0, keepdims=False)
             w_down = lax.dynamic_index_in_dim(down, group, 0, keepdims=False)
             hidden = jnp.dot(rows, w_up, preferred_element_type=jnp.float32).astype(tokens.dtype)
             y = jnp.dot(activation(hidden), w_down, preferred_element_type=jnp.float32)
-            return (out.at[index].add(weight[:, None] * y, mode="promise_in_bounds"),
-                    lax.dynamic_update_slice_in_dim(hidden_rows, hidden, first_row, 0))
+            return _pad_to_rows(weight[:rows_used, None] * y, visit_rows), _pad_to_rows(hidden, visit_rows)
 
-        # A loop per visit size with the traced visit count: every step is a real visit (custom_vjp: the
-        # loops are never differentiated, so their trip count may be dynamic).
-        carry = lax.fori_loop(0, count, visit, carry)
-    out, hidden_rows = carry
-    return out[:num_tokens], (padded_tokens, hidden_rows, up, down, row_token, row_weight, classes)
+        return run
+
+    branches = [visit_of(tiles) for tiles in range(1, visit_tiles + 1)]
+
+    def visit(carry, xs):
+        out, hidden_rows = carry
+        first_row, group, tiles = xs
+        index = lax.dynamic_slice_in_dim(row_token_p, first_row, visit_rows)
+        weight = lax.dynamic_slice_in_dim(row_weight_p, first_row, visit_rows)
+
+        def compute(out):
+            y, hidden = lax.switch(tiles - 1, branches, index, weight, group)
+            # Rows past this visit's own (the next visit's) get zeros added; the buffers stay out of the
+            # switch so that XLA updates them in place.
+            return out.at[index].add(y, mode="promise_in_bounds"), hidden
+
+        skip = lambda out: (out, jnp.zeros((visit_rows, width), tokens.dtype))  # noqa: E731
+        out, hidden = lax.cond(tiles > 0, compute, skip, out)
+        # Visits come in row order, so the zero rows written past a visit's own are rewritten by the next.
+        return (out, lax.dynamic_update_slice_in_dim(hidden_rows, hidden, first_row, 0)), None
+
+    init = (jnp.zeros((num_tokens + 1, dim), jnp.float32), jnp.zeros((num_rows + visit_rows, width), tokens.dtype))
+    (out, hidden_rows), _ = lax.scan(visit, init, schedule)
+    return out[:num_tokens], (padded_tokens, hidden_rows, up, down, row_token_p, row_weight_p, schedule)
 
 
 def _blocks_moe_bwd(tile_rows, visit_tiles, activation, residuals, grad):
-    padded_tokens, hidden_rows, up, down, row_token, row_weight, classes = residuals
+    padded_tokens, hidden_rows, up, down, row_token_p, row_weight_p, schedule = residuals
     num_tokens, dim = padded_tokens.shape[0] - 1, padded_tokens.shape[1]
+    visit_rows = tile_rows * visit_tiles
+    num_rows = hidden_rows.shape[0] - visit_rows
     grad_padded = jnp.concatenate([grad.astype(jnp.float32), jnp.zeros((1, dim), jnp.float32)])
     contract_rows = (((0,), (0,)), ((), ()))
     contract_cols = (((1,), (1,)), ((), ()))
-    carry = (jnp.zeros((num_tokens + 1, dim), jnp.float32), jnp.zeros(up.shape, jnp.float32),
-             jnp.zeros(down.shape, jnp.float32), jnp.zeros(row_weight.shape, jnp.float32))
-    for size, (first_rows, groups, count) in enumerate(classes, start=1):
-        if not first_rows.shape[0]:  # no room for a visit of this size in R rows
-            continue
-        rows_used = size * tile_rows
 
-        def visit(v, carry, first_rows=first_rows, groups=groups, rows_used=rows_used):
-            grad_tokens, grad_up, grad_down, grad_weight_rows = carry
-            first_row, group = first_rows[v], groups[v]
-            index = lax.dynamic_slice_in_dim(row_token, first_row, rows_used)
-            weight = lax.dynamic_slice_in_dim(row_weight, first_row, rows_used)[:, None]
-            hidden = lax.dynamic_slice_in_dim(hidden_rows, first_row, rows_used)
+    def visit_of(tiles):
+        rows_used = tiles * tile_rows
+
+        def run(index, weight, group, hidden):
+            index, weight, hidden = index[:rows_used], weight[:rows_used, None], hidden[:rows_used]
             w_up = lax.dynamic_index_in_dim(up, group, 0, keepdims=False)
             w_down = lax.dynamic_index_in_dim(down, group, 0, keepdims=False)
             grad_y = grad_padded.at[index].get(mode="promise_in_bounds").astype(down.dtype)  # [m, D]
@@ -442,18 +441,37 @@ def _blocks_moe_bwd(tile_rows, visit_tiles, activation, residuals, grad):
             rows = padded_tokens.at[index].get(mode="promise_in_bounds")
             d_up = lax.dot_general(rows, d_hidden.astype(rows.dtype), contract_rows, preferred_element_type=jnp.float32)
             d_rows = lax.dot_general(d_hidden.astype(up.dtype), w_up, contract_cols, preferred_element_type=jnp.float32)
+            return _pad_to_rows(d_rows, visit_rows), d_up, d_down, _pad_to_rows(grad_weight, visit_rows)
+
+        return run
+
+    branches = [visit_of(tiles) for tiles in range(1, visit_tiles + 1)]
+
+    def visit(carry, xs):
+        first_row, group, tiles = xs
+        index = lax.dynamic_slice_in_dim(row_token_p, first_row, visit_rows)
+        weight = lax.dynamic_slice_in_dim(row_weight_p, first_row, visit_rows)
+        hidden = lax.dynamic_slice_in_dim(hidden_rows, first_row, visit_rows)
+
+        def compute(carry):
+            grad_tokens, grad_up, grad_down, grad_weight_rows = carry
+            d_rows, d_up, d_down, grad_weight = lax.switch(tiles - 1, branches, index, weight, group, hidden)
             grad_tokens = grad_tokens.at[index].add(d_rows, mode="promise_in_bounds")
             grad_up = lax.dynamic_update_index_in_dim(
                 grad_up, lax.dynamic_index_in_dim(grad_up, group, 0, keepdims=False) + d_up, group, 0)
             grad_down = lax.dynamic_update_index_in_dim(
                 grad_down, lax.dynamic_index_in_dim(grad_down, group, 0, keepdims=False) + d_down, group, 0)
+            # Row order again: the zeros written past this visit's rows are rewritten by the next visit.
             grad_weight_rows = lax.dynamic_update_slice_in_dim(grad_weight_rows, grad_weight, first_row, 0)
             return grad_tokens, grad_up, grad_down, grad_weight_rows
 
-        carry = lax.fori_loop(0, count, visit, carry)
-    grad_tokens, grad_up, grad_down, grad_weight_rows = carry
-    return (grad_tokens[:num_tokens].astype(padded_tokens.dtype), grad_weight_rows, grad_up.astype(up.dtype),
-            grad_down.astype(down.dtype), None, None)
+        return lax.cond(tiles > 0, compute, lambda carry: carry, carry), None
+
+    init = (jnp.zeros((num_tokens + 1, dim), jnp.float32), jnp.zeros(up.shape, jnp.float32),
+            jnp.zeros(down.shape, jnp.float32), jnp.zeros((num_rows + visit_rows,), jnp.float32))
+    (grad_tokens, grad_up, grad_down, grad_weight_rows), _ = lax.scan(visit, init, schedule)
+    return (grad_tokens[:num_tokens].astype(padded_tokens.dtype), grad_weight_rows[:num_rows],
+            grad_up.astype(up.dtype), grad_down.astype(down.dtype), None, None)
 
 
 _blocks_moe.defvjp(_blocks_moe_fwd, _blocks_moe_bwd)
