@@ -105,6 +105,27 @@ class Segment(NamedTuple):
         skipped = sum(1 for r, p in self.absent if r < repeat or (r == repeat and p < position))
         return self.start + repeat * len(self.unit) + position - skipped
 
+    def slot_of(self, index: int) -> tuple[int, int]:
+        """(repeat, unit position) of pattern layer `index` (within the segment)."""
+        if not self.absent:
+            return divmod(index - self.start, len(self.unit))
+        layer = self.start
+        for repeat in range(self.repeats):
+            for position in range(len(self.unit)):
+                if self.present(repeat, position):
+                    if layer == index:
+                        return repeat, position
+                    layer += 1
+        raise ValueError(f"{self.name}: layer {index} is not in this segment")
+
+    def optional_rows(self, position: int) -> list[int]:
+        """Per repeat, the row of optional `position`'s stacked layers that it runs, -1 where absent."""
+        rows, count = [], 0
+        for repeat in range(self.repeats):
+            rows.append(count if self.present(repeat, position) else -1)
+            count += self.present(repeat, position)
+        return rows
+
     def optional_layers(self, position: int) -> list[int]:
         """Pattern indices of the layers at optional `position`, in repeat order (where present)."""
         return [self.layer_index(r, position) for r in range(self.repeats) if self.present(r, position)]
@@ -207,13 +228,10 @@ def layer_location(cfg: ModelConfig, index: int) -> tuple[tuple[str, ...], int |
         if segment.start <= index < segment.stop:
             if not segment.scanned:
                 return (segment.name,), None
-            for position in segment.optional_positions:
-                if index in segment.optional_layers(position):
-                    return (f"layers_{index}",), None
-            for repeat in range(segment.repeats):
-                for position in range(len(segment.unit)):
-                    if segment.present(repeat, position) and segment.layer_index(repeat, position) == index:
-                        return (segment.name, block_name(position)), repeat
+            repeat, position = segment.slot_of(index)
+            if position in segment.optional_positions:  # per-layer params, indexed inside the scan
+                return (f"layers_{index}",), None
+            return (segment.name, block_name(position)), repeat
     raise AssertionError("unreachable: the plan covers every layer")
 
 

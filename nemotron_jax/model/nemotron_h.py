@@ -154,14 +154,7 @@ def _scanned_unit(segment: Segment) -> type[nn.Module]:
 
 def _optional_index(segment: Segment) -> dict[str, jax.Array]:
     """{block_j: int32 [repeats]} for each optional position: the row of its stacked layers, -1 if absent."""
-    out = {}
-    for position in segment.optional_positions:
-        rows, count = [], 0
-        for repeat in range(segment.repeats):
-            rows.append(count if segment.present(repeat, position) else -1)
-            count += segment.present(repeat, position)
-        out[block_name(position)] = jnp.asarray(rows, jnp.int32)
-    return out
+    return {block_name(p): jnp.asarray(segment.optional_rows(p), jnp.int32) for p in segment.optional_positions}
 
 
 def _segment_replay(segment: Segment, expert_ids: dict[str, jax.Array] | None) -> dict[str, jax.Array] | None:
@@ -260,8 +253,9 @@ class NemotronH(nn.Module):
                     optional_params, _optional_index(segment))
                 if segment_cache:
                     new_caches[name] = segment_cache
-                for position, stacked in (optional_caches or {}).items():
-                    for row, index in enumerate(segment.optional_layers(int(position.split("_")[1]))):
+                for position in segment.optional_positions if optional_caches else ():
+                    stacked = optional_caches.get(block_name(position))
+                    for row, index in enumerate(segment.optional_layers(position) if stacked else ()):
                         new_caches[f"layers_{index}"] = jax.tree.map(lambda a, r=row: a[r], stacked)
             else:
                 replay = None if expert_ids is None else expert_ids.get(name)
@@ -276,13 +270,14 @@ class NemotronH(nn.Module):
         params (its output is discarded)."""
         params, stacked_caches = {}, {}
         for position in segment.optional_positions:
-            modules = [self.layers[str(index)] for index in segment.optional_layers(position)]
+            indices = segment.optional_layers(position)
+            modules = [self.layers[str(index)] for index in indices]
             if self.is_initializing():
                 for module in modules:
                     module(hidden, run_ids)
             params[block_name(position)] = jax.tree.map(lambda *rows: jnp.stack(rows),
                                                         *[module.variables["params"] for module in modules])
-            names = [f"layers_{index}" for index in segment.optional_layers(position)]
+            names = [f"layers_{index}" for index in indices]
             if caches is not None and all(name in caches for name in names):
                 stacked_caches[block_name(position)] = jax.tree.map(lambda *rows: jnp.stack(rows),
                                                                     *[caches[name] for name in names])
